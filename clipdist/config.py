@@ -1,0 +1,251 @@
+"""Typed configuration: one dataclass per concern, registered as Hydra structured configs.
+
+Every component receives its own section (``cfg.model``, ``cfg.data`` ...), never the whole
+tree. ``validate`` runs before any process group exists, so a bad config fails fast with one
+line naming the key.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import braceexpand
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+@dataclass
+class VisionConfig:
+    arch: str = "vit"  # "vit" | "resnet" (OpenAI's ModifiedResNet)
+    image_size: int = 224
+    width: int = 768  # ViT: token width; ResNet: width of the stem (64 for RN50)
+    layers: int = 12  # ViT depth (ignored for resnet)
+    stage_blocks: List[int] = field(default_factory=lambda: [3, 4, 6, 3])  # resnet only
+    patch_size: int = 32  # vit only
+    head_width: int = 64  # attention heads = width // head_width (resnet: width*32 // head_width)
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ViT-B-32"
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    grad_checkpointing: bool = False
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    train_urls: str = "data/digits/train-{000000..000003}.tar"
+    local_batch: int = 64
+    num_workers: int = 0
+    shuffle_buffer: int = 256
+    # Written on first use when the train shards are absent (the digits quickstart).
+    generate_digits: bool = False
+
+
+@dataclass
+class LossConfig:
+    impl: str = "gather"  # "gather" (all-gather with autograd, local-loss rows/columns)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 1000
+    accum_steps: int = 1
+    # Optional statement of the global batch; when set it must equal
+    # data.local_batch × world_size × train.accum_steps.
+    global_batch: Optional[int] = None
+    checkpoint_every: int = 0  # 0: only at the end
+    resume: Optional[str] = None  # "latest" or a checkpoint directory
+    output_dir: str = "runs/${logging.run_name}"
+
+
+@dataclass
+class EvalConfig:
+    zero_shot_urls: Optional[str] = None
+    classnames: List[str] = field(default_factory=list)
+    templates: List[str] = field(default_factory=lambda: ["a photo of a {}."])
+    every_steps: int = 0  # 0: only at the end
+    local_batch: int = 128
+
+
+@dataclass
+class LoggingConfig:
+    project: str = "clipdist"
+    run_name: str = "default"
+    wandb_mode: str = "offline"  # "offline" | "online" | "disabled"
+    log_every: int = 10
+
+
+@dataclass
+class LaunchConfig:
+    """The cluster shape a recipe was written for; the run itself uses the real world size."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def expand_urls(pattern: str) -> List[str]:
+    """Brace-expand a shard pattern; several patterns may be joined with '::'."""
+    urls: List[str] = []
+    for part in pattern.split("::"):
+        urls.extend(braceexpand.braceexpand(part.strip()))
+    return urls
+
+
+def missing_local_shards(pattern: str) -> List[str]:
+    return [u for u in expand_urls(pattern) if not u.startswith(("pipe:", "http:", "https:", "s3:", "gs:")) and not glob.glob(u)]
+
+
+def validate(cfg: Config, world_size: int, *, check_data: bool = True) -> None:
+    """Check the values that no type system catches. Raises ConfigError naming the key."""
+    _require(cfg.model.vision.arch in ("vit", "resnet"), "model.vision.arch", f"expected 'vit' or 'resnet', got {cfg.model.vision.arch!r}")
+    _require(cfg.model.vision.image_size > 0, "model.vision.image_size", "must be positive")
+    if cfg.model.vision.arch == "vit":
+        _require(
+            cfg.model.vision.image_size % cfg.model.vision.patch_size == 0,
+            "model.vision.patch_size",
+            f"{cfg.model.vision.patch_size} does not divide image_size {cfg.model.vision.image_size}",
+        )
+    _require(cfg.model.text.context_length >= 2, "model.text.context_length", "must be at least 2 (SOT and EOT)")
+    _require(cfg.data.local_batch >= 1, "data.local_batch", f"must be >= 1, got {cfg.data.local_batch}")
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(
+        cfg.train.accum_steps == 1,
+        "train.accum_steps",
+        f"got {cfg.train.accum_steps}; only 1 is supported until exact contrastive accumulation (GradCache) lands, "
+        "because plain accumulation would shrink the negatives to one micro-batch",
+    )
+    _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
+    _require(cfg.loss.impl in ("gather",), "loss.impl", f"expected one of ['gather'], got {cfg.loss.impl!r}")
+    _require(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"expected 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    _require(cfg.deepspeed.precision in ("fp32", "bf16", "fp16"), "deepspeed.precision", f"expected fp32, bf16 or fp16, got {cfg.deepspeed.precision!r}")
+    _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode", f"expected offline, online or disabled, got {cfg.logging.wandb_mode!r}")
+    derived = global_batch(cfg, world_size)
+    if cfg.train.global_batch is not None:
+        _require(
+            cfg.train.global_batch == derived,
+            "train.global_batch",
+            f"{cfg.train.global_batch} != data.local_batch ({cfg.data.local_batch}) × world_size ({world_size}) "
+            f"× train.accum_steps ({cfg.train.accum_steps}) = {derived}",
+        )
+    _require(bool(cfg.data.train_urls), "data.train_urls", "is empty")
+    if check_data and not cfg.data.generate_digits:
+        missing = missing_local_shards(cfg.data.train_urls)
+        _require(not missing, "data.train_urls", f"{len(missing)} shard(s) match no file, first: {missing[0] if missing else ''}")
+    if cfg.eval.zero_shot_urls:
+        _require(bool(cfg.eval.classnames), "eval.classnames", "must list the class names when eval.zero_shot_urls is set")
+        _require(all("{}" in t for t in cfg.eval.templates), "eval.templates", "every template needs a '{}' placeholder")
+        if check_data and not cfg.data.generate_digits:
+            missing = missing_local_shards(cfg.eval.zero_shot_urls)
+            _require(not missing, "eval.zero_shot_urls", f"{len(missing)} shard(s) match no file, first: {missing[0] if missing else ''}")
+
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    return cfg.data.local_batch * world_size * cfg.train.accum_steps
+
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def load_config(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> Tuple[Config, Dict[str, Any]]:
+    """Compose conf/ with Hydra overrides into a typed Config (and its resolved plain dict).
+
+    Unknown keys and wrong types become a ConfigError that names the key."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            dict_cfg = compose(config_name="config", overrides=list(overrides))
+        cfg = OmegaConf.to_object(dict_cfg)
+        resolved = OmegaConf.to_container(dict_cfg, resolve=True)
+    except Exception as error:  # Hydra/OmegaConf raise many types; all are config errors here
+        raise ConfigError(describe_config_error(error)) from error
+    return cfg, resolved
+
+
+def describe_config_error(error: BaseException) -> str:
+    """One line from Hydra's nested, multi-line composition errors, naming the key when known."""
+    chain = []
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for err in chain:
+        full_key = getattr(err, "full_key", None)
+        if full_key:
+            message = str(getattr(err, "msg", err)).strip().splitlines()[0]
+            return f"{full_key}: {message}"
+    messages = [str(err).strip() for err in chain if str(err).strip() not in ("", "None")]
+    lines = [line.strip() for line in messages[0].splitlines() if line.strip()] if messages else [type(chain[0]).__name__]
+    if any(type(err).__name__ == "OverrideParseException" for err in chain):
+        # Brace patterns collide with Hydra's override grammar unless quoted.
+        lines = [lines[0], "(quote values with braces or spaces: data.train_urls='shards/{00000..00099}.tar')"]
+    return " ".join(lines)

@@ -1,0 +1,49 @@
+"""The shard index: ``{prefix}-index.json`` beside ``{prefix}-000000.tar`` ... lists every shard
+with its sample count, so loaders need not scan tars to plan an epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str  # file name, relative to the index file's folder
+    samples: int
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def index_path(out_dir: str, prefix: str) -> str:
+    return os.path.join(out_dir, f"{prefix}-index.json")
+
+
+def url_pattern(out_dir: str, prefix: str, num_shards: int) -> str:
+    """The brace pattern that expands to exactly the shards written."""
+    if num_shards == 1:
+        return os.path.join(out_dir, shard_name(prefix, 0))
+    return os.path.join(out_dir, f"{prefix}-{{000000..{num_shards - 1:06d}}}.tar")
+
+
+def load_index(path: str) -> list[ShardInfo]:
+    with open(path) as f:
+        return [ShardInfo(s["url"], int(s["samples"])) for s in json.load(f)["shards"]]
+
+
+def read_index(out_dir: str, prefix: str) -> Optional[list[ShardInfo]]:
+    """The shards listed in ``{prefix}-index.json``, or None when there is no index."""
+    path = index_path(out_dir, prefix)
+    return load_index(path) if os.path.exists(path) else None
+
+
+def write_index(out_dir: str, prefix: str, shards: list[ShardInfo]) -> None:
+    index = {"shards": [asdict(s) for s in shards], "total": sum(s.samples for s in shards)}
+    tmp = index_path(out_dir, prefix) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(tmp, index_path(out_dir, prefix))

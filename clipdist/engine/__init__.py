@@ -1,0 +1,18 @@
+"""Everything DeepSpeed: wrapping, optimizer groups, schedules, checkpoints."""
+
+from clipdist.engine.checkpoint import Checkpointer, TrainState
+from clipdist.engine.deepspeed_engine import build_engine, deepspeed_config, input_dtype, select_accelerator
+from clipdist.engine.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
+
+__all__ = [
+    "Checkpointer",
+    "TrainState",
+    "build_engine",
+    "build_optimizer",
+    "build_scheduler",
+    "deepspeed_config",
+    "input_dtype",
+    "param_groups",
+    "select_accelerator",
+    "warmup_cosine",
+]

@@ -1,0 +1,72 @@
+"""The one place where a CLIP model is wrapped for training: DeepSpeed config, optimizer, schedule."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from clipdist.config import DeepSpeedConfig, OptimConfig
+from clipdist.engine.optim import build_optimizer, build_scheduler
+
+
+def select_accelerator() -> None:
+    """DeepSpeed picks its accelerator at import; without CUDA it must be told to use the CPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def deepspeed_config(cfg: DeepSpeedConfig, *, local_batch: int, accum_steps: int, world_size: int) -> Dict[str, Any]:
+    """DeepSpeed's JSON config, derived from the typed sections so the batch sizes always agree."""
+    return {
+        "train_batch_size": local_batch * accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": local_batch,
+        "gradient_accumulation_steps": accum_steps,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        # ZeRO with a torch AdamW is fine; DeepSpeed only whitelists its own optimizers.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {
+            "enabled": cfg.precision == "fp16",
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": 1 << 30,  # our logger reports progress
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(
+    model: nn.Module,
+    optim_cfg: OptimConfig,
+    ds_cfg: DeepSpeedConfig,
+    *,
+    local_batch: int,
+    accum_steps: int,
+    world_size: int,
+    total_steps: int,
+):
+    """Wrap the model in a DeepSpeed engine with torch AdamW and a warmup + cosine schedule.
+
+    Returns the engine; `engine.step()` steps optimizer and schedule together."""
+    select_accelerator()
+    import deepspeed
+
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(ds_cfg, local_batch=local_batch, accum_steps=accum_steps, world_size=world_size),
+    )
+    return engine
+
+
+def input_dtype(ds_cfg: DeepSpeedConfig) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds_cfg.precision]

@@ -1,0 +1,96 @@
+"""CLIP (Radford et al., 2021): an image tower and a text tower that map into one embedding
+space, plus the learned temperature of the contrastive loss."""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Set, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipdist.config import ModelConfig
+from clipdist.models.resnet import ModifiedResNet
+from clipdist.models.text import TextTransformer
+from clipdist.models.vit import VisionTransformer
+
+# Parameters that weight decay would wrongly pull towards zero: learned lookup tables and the
+# temperature. (The optimizer additionally exempts every parameter with ndim < 2.)
+_NO_DECAY_SUFFIXES = ("class_embedding", "positional_embedding", "token_embedding.weight", "logit_scale")
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.image_size = cfg.vision.image_size
+        self.context_length = cfg.text.context_length
+        self.max_logit_scale = cfg.max_logit_scale
+        if cfg.vision.arch == "vit":
+            self.visual: nn.Module = VisionTransformer(cfg.vision, cfg.embed_dim)
+        elif cfg.vision.arch == "resnet":
+            self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim)
+        else:
+            raise ValueError(f"model.vision.arch: expected 'vit' or 'resnet', got {cfg.vision.arch!r}")
+        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        # log of the inverse softmax temperature. Shape (1,), not a 0-dim scalar: DeepSpeed's
+        # ZeRO partitioning cannot handle 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale))
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each residual block (ViT/text) or Bottleneck (ResNet) in backward."""
+        self.visual.set_grad_checkpointing(enabled)
+        self.text.set_grad_checkpointing(enabled)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """images: [batch, 3, image_size, image_size] -> [batch, embed_dim]."""
+        if images.ndim != 4 or tuple(images.shape[-3:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"images have shape {tuple(images.shape)}, expected [batch, 3, {self.image_size}, {self.image_size}]")
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """tokens: [batch, length <= context_length] token ids -> [batch, embed_dim]."""
+        if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
+            raise ValueError(f"tokens have shape {tuple(tokens.shape)}, expected [batch, <= {self.context_length}]")
+        features = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (image_emb, text_emb, logit_scale_exp): L2-normalised [batch, embed_dim]
+        embeddings, and the temperature exp(logit_scale) clamped to max_logit_scale, shape (1,)."""
+        # The clamp stops the temperature from growing without bound (paper: capped at 100);
+        # its gradient is zero once clamped, so logit_scale stays put there.
+        logit_scale_exp = self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        return self.encode_image(images), self.encode_text(tokens), logit_scale_exp
+
+    def no_weight_decay(self) -> Set[str]:
+        return {name for name, _ in self.named_parameters() if name.endswith(_NO_DECAY_SUFFIXES)}
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# Keys in OpenAI's released (TorchScript) state dicts that hold hyperparameters, not weights.
+_OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def openai_key(key: str) -> str:
+    """OpenAI / open_clip parameter name -> ours. The image tower matches as is; the text tower
+    sits at the top level in theirs and under ``text.`` in ours."""
+    if key.startswith("visual.") or key == "logit_scale":
+        return key
+    return f"text.{key}"
+
+
+def load_openai_state_dict(model: CLIP, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load weights saved by OpenAI's CLIP or open_clip into ``model`` (strict: every
+    parameter and buffer must be present and match in shape)."""
+    mapped: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key in _OPENAI_METADATA_KEYS:
+            continue
+        if key == "logit_scale":
+            value = value.reshape(1)  # theirs is 0-dim
+        mapped[openai_key(key)] = value
+    model.load_state_dict(mapped, strict=True)

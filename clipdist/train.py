@@ -1,0 +1,281 @@
+"""Train CLIP over the global batch.
+
+    torchrun --nproc_per_node 2 -m clipdist.train +experiment=digits [key=value ...]
+
+Each rank embeds its local batch with both towers; the loss all-gathers the embeddings so the
+negatives span the global batch (CLIP paper, Figure 3):
+
+    I_e, T_e, scale = model(images, texts)            # normalised [b, d] each
+    loss = symmetric_cross_entropy(scale · I_e @ T_allᵀ, scale · T_e @ I_allᵀ)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+
+from clipdist.config import Config, ConfigError, global_batch, load_config, validate
+from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
+from clipdist.engine import Checkpointer, TrainState, build_engine, input_dtype, select_accelerator
+from clipdist.log import MetricLogger, setup_console_logging
+
+log = logging.getLogger("clipdist")
+
+
+@dataclass
+class Components:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    loss_fn: torch.nn.Module
+    checkpointer: Checkpointer
+    logger: MetricLogger
+    device: torch.device
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    overrides = sys.argv[1:] if argv is None else list(argv)
+    env = DistEnv.from_environ()
+    setup_console_logging(env.rank)
+    try:
+        cfg, resolved = load_config(overrides)
+        # Fail before any process group exists: a bad key should not cost a rendezvous.
+        validate(cfg, env.world_size)
+    except ConfigError as error:
+        print(f"clipdist: config error: {error}", file=sys.stderr)
+        return 2
+    train(cfg, env, resolved)
+    return 0
+
+
+def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]:
+    init_distributed(env)
+    try:
+        run = build_components(cfg, env, resolved)
+        state = run.checkpointer.load(run.engine, cfg.train.resume) or TrainState()
+        summary = train_loop(cfg, env, run, state)
+        run.logger.close()
+        return summary
+    finally:
+        destroy_distributed()
+
+
+def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Components:
+    select_accelerator()
+    from clipdist.losses import build_loss
+    from clipdist.models import build_model
+
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    prepare_shards(cfg, env)
+    model = build_model(cfg.model)
+    engine = build_engine(
+        model,
+        cfg.optim,
+        cfg.deepspeed,
+        local_batch=cfg.data.local_batch,
+        accum_steps=cfg.train.accum_steps,
+        world_size=env.world_size,
+        total_steps=cfg.train.max_steps,
+    )
+    run_dir = Path(cfg.train.output_dir)
+    log.info(
+        "%s: %.1fM parameters, global batch %d = %d local × %d ranks × %d accumulation (recipe written for %d)",
+        cfg.model.name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        global_batch(cfg, env.world_size),
+        cfg.data.local_batch,
+        env.world_size,
+        cfg.train.accum_steps,
+        cfg.data.local_batch * cfg.launch.nodes * cfg.launch.gpus_per_node * cfg.train.accum_steps,
+    )
+    return Components(
+        engine=engine,
+        loss_fn=build_loss(cfg.loss),
+        checkpointer=Checkpointer(run_dir / "checkpoints", env.rank),
+        logger=MetricLogger(cfg.logging, run_dir, resolved, env.rank),
+        device=device,
+    )
+
+
+def prepare_shards(cfg: Config, env: DistEnv) -> None:
+    """Rank 0 writes the demo shards on first use; the others wait for them."""
+    from clipdist.data import ensure_data
+
+    if env.rank == 0:
+        ensure_data(cfg.data)
+    barrier()
+
+
+def train_batches(cfg: Config, env: DistEnv, state: TrainState) -> Iterator[Tuple[int, int, Any]]:
+    """(epoch, index in epoch, batch), epoch after epoch, starting where `state` left off."""
+    from clipdist.data import build_train_loader
+
+    epoch, start = state.epoch, state.step_in_epoch
+    while True:
+        loader = build_train_loader(
+            cfg.data,
+            image_size=cfg.model.vision.image_size,
+            context_length=cfg.model.text.context_length,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=cfg.train.seed,
+            epoch=epoch,
+            start_step=start,
+        )
+        for index, batch in enumerate(loader, start):
+            yield epoch, index, batch
+        epoch, start = epoch + 1, 0
+
+
+def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) -> Dict[str, Any]:
+    engine, device = run.engine, run.device
+    dtype = input_dtype(cfg.deepspeed)
+    batch_size = global_batch(cfg, env.world_size)
+    meter = ThroughputMeter()
+    metrics: Dict[str, float] = {}
+    if state.step < cfg.train.max_steps:
+        for epoch, index, batch in train_batches(cfg, env, state):
+            images = batch.images.to(device, dtype, non_blocking=True)
+            texts = batch.tokens.to(device, non_blocking=True)
+
+            image_emb, text_emb, logit_scale = engine(images, texts)
+            loss = run.loss_fn(image_emb.float(), text_emb.float(), logit_scale.float())
+            engine.backward(loss)
+            engine.step()
+
+            state = TrainState(state.step + 1, epoch, index + 1, state.samples_seen + batch_size)
+            meter.add(loss.detach(), batch_size)
+            last_step = state.step == cfg.train.max_steps
+            with meter.paused():
+                if due(state.step, cfg.logging.log_every) or last_step:
+                    metrics = meter.flush(engine, logit_scale)
+                    run.logger.log({**metrics, "train/samples_seen": state.samples_seen}, state.step)
+                    run.logger.progress(state.step, cfg.train.max_steps, metrics)
+                if last_step:
+                    break
+                if due(state.step, cfg.eval.every_steps):
+                    run.logger.log(evaluate(cfg, env, engine, device), state.step)
+                if due(state.step, cfg.train.checkpoint_every):
+                    run.checkpointer.save(engine, state)
+        run.checkpointer.save(engine, state)
+    else:
+        log.info("nothing to train: resumed at step %d of train.max_steps=%d", state.step, cfg.train.max_steps)
+    eval_metrics = evaluate(cfg, env, engine, device)
+    run.logger.log(eval_metrics, state.step)
+    summary = summarize(cfg, env, state, metrics, eval_metrics, meter)
+    write_summary(summary, Path(cfg.train.output_dir), env.rank)
+    run.logger.summary(summary)
+    return summary
+
+
+def due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+class ThroughputMeter:
+    """Training time and samples/s, with logging, eval and checkpoints paused out of the clock."""
+
+    def __init__(self):
+        self.train_seconds = 0.0
+        self.train_samples = 0
+        self._interval_seconds, self._interval_samples, self._losses = 0.0, 0, []
+        self._started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self._losses.append(loss)
+        self._interval_samples += samples
+        self.train_samples += samples
+
+    @contextlib.contextmanager
+    def paused(self):
+        elapsed = time.perf_counter() - self._started
+        self._interval_seconds += elapsed
+        self.train_seconds += elapsed
+        try:
+            yield
+        finally:
+            self._started = time.perf_counter()
+
+    def flush(self, engine, logit_scale: torch.Tensor) -> Dict[str, float]:
+        """Metrics since the last flush; call inside `paused()`."""
+        # Each rank's loss is the mean over its own rows; the global loss is the mean over ranks.
+        local_mean = torch.stack(self._losses).double().mean().reshape(1).cpu()
+        metrics = {
+            "train/loss": all_reduce_sum(local_mean).item() / engine.world_size,
+            "train/lr": engine.get_lr()[0],
+            "train/logit_scale": float(logit_scale.detach().float().reshape(-1)[0]),
+            "perf/samples_per_second": self._interval_samples / max(self._interval_seconds, 1e-9),
+            "train/global_batch": float(engine.train_batch_size()),
+        }
+        self._interval_seconds, self._interval_samples, self._losses = 0.0, 0, []
+        return metrics
+
+
+def evaluate(cfg: Config, env: DistEnv, engine, device: torch.device) -> Dict[str, float]:
+    """Zero-shot top-1/top-5 with images sharded over all ranks (never rank 0 alone)."""
+    if not cfg.eval.zero_shot_urls:
+        return {}
+    from clipdist.data import build_eval_loader
+    from clipdist.eval import build_classifier, zero_shot_eval
+    from clipdist.models import tokenize
+
+    model = engine.module
+    started = time.perf_counter()
+    with torch.autocast(device.type, dtype=input_dtype(cfg.deepspeed), enabled=cfg.deepspeed.precision != "fp32"):
+        classifier = build_classifier(
+            model, tokenize, cfg.eval.classnames, cfg.eval.templates, device, context_length=cfg.model.text.context_length
+        )
+        loader = build_eval_loader(
+            cfg.eval.zero_shot_urls,
+            image_size=cfg.model.vision.image_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            batch_size=cfg.eval.local_batch,
+        )
+        result = zero_shot_eval(model, loader, classifier, device)
+    log.info(
+        "zero-shot: top-1 %.2f%%  top-5 %.2f%%  on %d images (%.1f s)",
+        100 * result["top1"],
+        100 * result["top5"],
+        result["count"],
+        time.perf_counter() - started,
+    )
+    return {"eval/zero_shot_top1": result["top1"], "eval/zero_shot_top5": result["top5"], "eval/zero_shot_count": result["count"]}
+
+
+def summarize(cfg, env, state, train_metrics, eval_metrics, meter: ThroughputMeter) -> Dict[str, Any]:
+    return {
+        "model": cfg.model.name,
+        "world_size": env.world_size,
+        "global_batch": global_batch(cfg, env.world_size),
+        "steps": state.step,
+        "samples_seen": state.samples_seen,
+        "train_seconds": round(meter.train_seconds, 3),
+        "samples_per_second": meter.train_samples / meter.train_seconds if meter.train_samples else None,
+        "final_loss": train_metrics.get("train/loss"),
+        "zero_shot_top1": eval_metrics.get("eval/zero_shot_top1"),
+        "zero_shot_top5": eval_metrics.get("eval/zero_shot_top5"),
+        "zero_shot_count": eval_metrics.get("eval/zero_shot_count"),
+        "train_state": asdict(state),
+    }
+
+
+def write_summary(summary: Dict[str, Any], run_dir: Path, rank: int) -> None:
+    if rank != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(run_dir / "summary.json")
+    log.info("summary: %s", run_dir / "summary.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

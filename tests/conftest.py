@@ -1,0 +1,98 @@
+"""Shared test helpers. ``run_distributed`` runs a function on real gloo ranks (no mocks)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, result_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # A spawned child inherits "spawn" as its default start method; a rank started by torchrun
+    # or deepspeed (a fresh interpreter) has Linux's "fork". Match the real launch, so that
+    # DataLoader workers start in milliseconds rather than re-importing torch.
+    multiprocessing.set_start_method("fork", force=True)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        try:
+            outcome = ("ok", fn(rank, world_size, *args))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        outcome = ("error", traceback.format_exc())
+    with open(os.path.join(result_dir, f"{rank}.tmp"), "wb") as f:
+        pickle.dump(outcome, f)
+    os.replace(os.path.join(result_dir, f"{rank}.tmp"), os.path.join(result_dir, f"{rank}.pkl"))
+
+
+def run_distributed(fn: Callable, world_size: int = 2, args: tuple = (), timeout: float = 120.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes that share an
+    initialised gloo process group; return the per-rank return values (which must pickle).
+
+    ``fn`` must be importable (module level). A rank that raises or dies fails the caller with
+    RuntimeError carrying every failed rank's traceback; ranks still running (perhaps stuck in
+    a collective) are killed. On ``timeout`` seconds all ranks are killed and TimeoutError raised.
+    """
+    port = free_port()
+    context = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as result_dir:
+        # Not daemonic: a rank may start DataLoader workers of its own.
+        processes = [
+            context.Process(target=_rank_main, args=(rank, world_size, port, result_dir, fn, args)) for rank in range(world_size)
+        ]
+        for p in processes:
+            p.start()
+        finished = False
+        try:
+            results = _collect_results(processes, result_dir, time.monotonic() + timeout, timeout)
+            finished = True
+            return results
+        finally:
+            for p in processes:
+                p.join(timeout=10 if finished else 0)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+
+
+def _collect_results(processes: list, result_dir: str, deadline: float, timeout: float) -> list[Any]:
+    world_size = len(processes)
+    results: dict[int, tuple[str, Any]] = {}
+    failed_at: Optional[float] = None
+    while len(results) < world_size:
+        for rank in set(range(world_size)) - set(results):
+            alive = processes[rank].is_alive()  # before looking for the file: a rank writes, then exits
+            path = os.path.join(result_dir, f"{rank}.pkl")
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    results[rank] = pickle.load(f)
+            elif not alive:
+                results[rank] = ("error", f"died with exit code {processes[rank].exitcode}")
+        errors = {rank: value for rank, (status, value) in results.items() if status == "error"}
+        if errors:
+            # A rank that fails breaks its peers' collectives; give them a moment to report, then
+            # list every failure in the order seen, so the root cause usually comes first.
+            failed_at = failed_at or time.monotonic()
+            if len(results) == world_size or time.monotonic() > failed_at + 3:
+                report = "\n".join(f"--- rank {rank} of {world_size} failed:\n{value}" for rank, value in errors.items())
+                raise RuntimeError(f"{len(errors)} rank(s) failed\n{report}")
+        if len(results) < world_size and time.monotonic() > deadline:
+            raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(results))} still running after {timeout:.0f} s")
+        time.sleep(0.05)
+    return [value for _, value in (results[rank] for rank in range(world_size))]

@@ -1,0 +1,78 @@
+"""Config composition and validation: every mistake is one line naming the key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from clipdist.config import ConfigError, global_batch, load_config, validate
+
+RECIPES = ["rn50", "vitb32", "vitb16", "vitl14"]
+
+
+def config_error(overrides, world_size=2):
+    with pytest.raises(ConfigError) as info:
+        cfg, _ = load_config(overrides)
+        validate(cfg, world_size)
+    message = str(info.value)
+    assert "\n" not in message, f"error should be one line: {message!r}"
+    return message
+
+
+def test_unknown_key_names_the_key():
+    assert config_error(["data.local_btach=4"]).startswith("data.local_btach:")
+
+
+def test_wrong_type_names_the_key():
+    assert config_error(["data.local_batch=many"]).startswith("data.local_batch:")
+
+
+def test_unknown_experiment_lists_the_options():
+    message = config_error(["+experiment=vitg14"])
+    assert "experiment/vitg14" in message and "vitl14" in message
+
+
+def test_global_batch_must_equal_local_times_world_times_accumulation():
+    message = config_error(["+experiment=digits", "train.global_batch=100"], world_size=2)
+    assert message.startswith("train.global_batch:") and "= 128" in message
+
+
+def test_shard_pattern_matching_nothing_names_the_key(tmp_path):
+    pattern = str(tmp_path / "missing-{000..003}.tar")
+    message = config_error(["data=webdataset", f"data.train_urls='{pattern}'"])
+    assert message.startswith("data.train_urls:") and "missing-000.tar" in message
+
+
+def test_bad_enum_value_names_the_key():
+    assert config_error(["deepspeed.zero_stage=4"]).startswith("deepspeed.zero_stage:")
+    assert config_error(["loss.impl=softmax"]).startswith("loss.impl:")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_describe_a_global_batch_of_at_least_4096(recipe):
+    cfg, _ = load_config([f"+experiment={recipe}"])
+    recipe_world = cfg.launch.nodes * cfg.launch.gpus_per_node
+    assert global_batch(cfg, recipe_world) >= 4096
+    assert cfg.deepspeed.precision == "bf16" and cfg.deepspeed.zero_stage in (1, 2)
+    if recipe.startswith("vit"):
+        assert cfg.model.grad_checkpointing
+
+
+def test_recipe_runs_small_with_overrides():
+    cfg, _ = load_config(["+experiment=rn50", "data=digits", "train.max_steps=2", "data.local_batch=4"])
+    validate(cfg, 2, check_data=False)
+    assert (cfg.model.name, cfg.model.vision.image_size, cfg.data.local_batch, cfg.data.name) == ("RN50", 224, 4, "digits")
+
+
+def test_cli_prints_one_line_and_exits_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "clipdist.train", "data.local_btach=4"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("clipdist: config error:")]
+    assert errors == ["clipdist: config error: data.local_btach: Key 'local_btach' not in 'DataConfig'"], result.stderr
+
+
+def test_unquoted_brace_pattern_explains_the_quoting():
+    message = config_error(["data.train_urls=shards/{000..003}.tar"])
+    assert "quote values with braces" in message
