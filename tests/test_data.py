@@ -17,7 +17,8 @@ from conftest import run_distributed
 from PIL import Image, ImageFilter
 
 from clipdist.config import DataConfig
-from clipdist.data.digits import DIGIT_CLASSNAMES, DIGIT_EVAL_TEMPLATES, TRAIN_TEMPLATES, ensure_digits_shards, train_caption
+from clipdist.config import load_config
+from clipdist.data.digits import DIGIT_CLASSNAMES, TRAIN_TEMPLATES, ensure_digits_shards, train_caption
 from clipdist.data.pipeline import build_eval_loader, build_train_loader, ensure_data, iter_shard
 from clipdist.data.transforms import CLIP_MEAN, CLIP_STD, clip_preprocess
 from clipdist.data.shards import read_index
@@ -190,7 +191,9 @@ def test_digits_shards(digits_dir):
     assert image.mode == "RGB" and image.size == (32, 32)
 
     train_captions = {train_caption(label, t) for label in range(10) for t in range(len(TRAIN_TEMPLATES))}
-    prompts = {template.format(name) for template in DIGIT_EVAL_TEMPLATES for name in DIGIT_CLASSNAMES}
+    eval_cfg = load_config(["data=digits"])[0].eval
+    assert eval_cfg.classnames == DIGIT_CLASSNAMES
+    prompts = {template.format(name) for template in eval_cfg.templates for name in eval_cfg.classnames}
     assert not train_captions & prompts, "eval prompts must not occur as training captions"
     first_shard = [s["txt"].decode() for s in iter_shard(os.path.join(digits_dir, train[0].url))]
     assert set(first_shard) <= train_captions and len(set(first_shard)) > 20

@@ -2,7 +2,7 @@
 
 The 1,797 8×8 greyscale digits become 32×32 RGB PNGs (dark ink on white). A stratified split
 keeps 300 for zero-shot evaluation; the rest get captions from TRAIN_TEMPLATES. The zero-shot
-prompts (DIGIT_EVAL_TEMPLATES) never occur as training captions, so evaluation measures
+prompts (eval.templates in conf/data/digits.yaml) never occur as training captions, so evaluation measures
 transfer from captions to prompts rather than recall of a seen string.
 
     python -m clipdist.data.digits --out data/digits
@@ -36,12 +36,6 @@ TRAIN_TEMPLATES = [
     "a low resolution picture of a {word}.",
 ]
 
-# One '{}' placeholder, filled with a DIGIT_CLASSNAMES entry.
-DIGIT_EVAL_TEMPLATES = [
-    "a blurry photo of the digit {}.",
-    "an image showing the number {}.",
-    "a small picture of a {}.",
-]
 
 EVAL_SIZE = 300
 TRAIN_SHARDS = 4

@@ -42,8 +42,9 @@ def write_samples(samples: Iterable[dict], out_dir: str, prefix: str, shard_size
             if writer is not None:
                 writer.close()
                 shards.append(ShardInfo(shard_name(prefix, len(shards)), count))
-            # A fixed mtime makes the tars byte-reproducible.
-            writer = wds.TarWriter(os.path.join(out_dir, shard_name(prefix, len(shards))), mtime=0.0)
+            # A fixed mtime makes the tars byte-reproducible. An int, not 0.0: a float mtime makes
+            # tarfile add a PAX record to every member, doubling the header parsing on read.
+            writer = wds.TarWriter(os.path.join(out_dir, shard_name(prefix, len(shards))), mtime=0)
             count = 0
         writer.write(sample)
         count += 1
