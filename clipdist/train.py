@@ -24,7 +24,7 @@ import torch
 
 from clipdist.config import Config, ConfigError, global_batch, load_config, validate
 from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
-from clipdist.engine import Checkpointer, TrainState, build_engine, input_dtype, select_accelerator
+from clipdist.engine import Checkpointer, TrainState, build_engine, effective_precision, input_dtype, select_accelerator
 from clipdist.log import MetricLogger, setup_console_logging
 
 log = logging.getLogger("clipdist")
@@ -55,6 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]:
+    cfg.deepspeed = effective_precision(cfg.deepspeed)
     init_distributed(env)
     try:
         run = build_components(cfg, env, resolved)
@@ -86,14 +87,15 @@ def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Com
     )
     run_dir = Path(cfg.train.output_dir)
     log.info(
-        "%s: %.1fM parameters, global batch %d = %d local × %d ranks × %d accumulation (recipe written for %d)",
+        "%s: %.1fM parameters, global batch %d = %d local × %d ranks × %d accumulation (recipe: %d nodes × %d GPUs)",
         cfg.model.name,
         sum(p.numel() for p in model.parameters()) / 1e6,
         global_batch(cfg, env.world_size),
         cfg.data.local_batch,
         env.world_size,
         cfg.train.accum_steps,
-        cfg.data.local_batch * cfg.launch.nodes * cfg.launch.gpus_per_node * cfg.train.accum_steps,
+        cfg.launch.nodes,
+        cfg.launch.gpus_per_node,
     )
     return Components(
         engine=engine,

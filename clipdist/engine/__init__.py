@@ -1,7 +1,7 @@
 """Everything DeepSpeed: wrapping, optimizer groups, schedules, checkpoints."""
 
 from clipdist.engine.checkpoint import Checkpointer, TrainState
-from clipdist.engine.deepspeed_engine import build_engine, deepspeed_config, input_dtype, select_accelerator
+from clipdist.engine.deepspeed_engine import build_engine, deepspeed_config, effective_precision, input_dtype, select_accelerator
 from clipdist.engine.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "deepspeed_config",
+    "effective_precision",
     "input_dtype",
     "param_groups",
     "select_accelerator",

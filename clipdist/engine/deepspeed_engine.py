@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from typing import Any, Dict
 
@@ -11,11 +13,22 @@ from torch import nn
 from clipdist.config import DeepSpeedConfig, OptimConfig
 from clipdist.engine.optim import build_optimizer, build_scheduler
 
+log = logging.getLogger(__name__)
+
 
 def select_accelerator() -> None:
     """DeepSpeed picks its accelerator at import; without CUDA it must be told to use the CPU."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def effective_precision(cfg: DeepSpeedConfig) -> DeepSpeedConfig:
+    """bf16/fp16 recipes train in fp32 where there is no GPU: CPUs emulate half-precision
+    matmuls hundreds of times slower, so a recipe's smoke run on a laptop would never finish."""
+    if cfg.precision == "fp32" or torch.cuda.is_available():
+        return cfg
+    log.warning("deepspeed.precision=%s needs a GPU; training in fp32 on this CPU-only machine", cfg.precision)
+    return dataclasses.replace(cfg, precision="fp32")
 
 
 def deepspeed_config(cfg: DeepSpeedConfig, *, local_batch: int, accum_steps: int, world_size: int) -> Dict[str, Any]:
@@ -57,6 +70,9 @@ def build_engine(
     select_accelerator()
     import deepspeed
 
+    # DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm's running statistics
+    # must match, so cast the whole module first (DeepSpeed keeps fp32 master weights).
+    model = model.to(input_dtype(ds_cfg))
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(
