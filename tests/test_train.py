@@ -57,7 +57,7 @@ def test_training_learns_logs_offline_and_resumes_exactly(tmp_path, digits):
     """Loss falls over 30 steps; an offline wandb run, metrics.jsonl and summary.json are written;
     resuming from the step-15 checkpoint reproduces steps 16..30 to 1e-6."""
     full_dir = tmp_path / "full"
-    common = ["train.max_steps=30", "data.local_batch=32", "optim.lr=1e-3", "optim.warmup_steps=3"]
+    common = ["model=rn_tiny", "train.max_steps=30", "data.local_batch=32", "optim.lr=3e-3", "optim.warmup_steps=3"]
     full = losses(torchrun(full_dir, digits, *common, "train.checkpoint_every=15", "logging.wandb_mode=offline"))
 
     first, last = sum(full[s] for s in range(1, 6)) / 5, sum(full[s] for s in range(26, 31)) / 5
