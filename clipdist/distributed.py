@@ -288,6 +288,10 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None)
     return tensor
 
 
+# torch >= 2.10 renamed all_gather_into_tensor (and warns on the old name).
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenate every rank's [b, ...] tensor along dim 0, keeping the autograd graph.
 
@@ -301,7 +305,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         ctx.group, ctx.rank, ctx.local_size = group, rank, x.shape[0]
         out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        _all_gather_tensor(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -323,7 +327,7 @@ def all_gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None
     # Ranks with different b would silently misalign the rank-major slices; one tiny collective
     # per call buys a clear error instead.
     sizes = torch.empty(world_size, dtype=torch.long, device=x.device)
-    dist.all_gather_into_tensor(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)
+    _all_gather_tensor(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)
     local_sizes = sizes.tolist()
     if len(set(local_sizes)) != 1:
         raise ValueError(f"all_gather_with_grad needs the same local batch on every rank, got sizes {local_sizes}")

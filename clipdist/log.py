@@ -15,18 +15,19 @@ log = logging.getLogger("clipdist")
 
 
 def setup_console_logging(rank: int) -> None:
-    """Clean progress lines from rank 0; other ranks speak only for warnings."""
+    """Clean progress lines from rank 0; other ranks, and other libraries, speak only for warnings."""
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
+        level=logging.WARNING,
         format="%(asctime)s %(message)s" if rank == 0 else f"%(asctime)s [rank {rank}] %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stdout,
         force=True,
     )
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 class MetricLogger:
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: Dict[str, Any], rank: int):
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: Dict[str, Any], rank: int, resuming: bool = False):
         self.cfg = cfg
         self.enabled = rank == 0
         self.run = None
@@ -34,7 +35,8 @@ class MetricLogger:
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a")
+        # A resumed run continues the metrics of the run it resumes; a new run starts them afresh.
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a" if resuming else "w")
         if cfg.wandb_mode != "disabled":
             self.run = self._start_wandb(run_dir, config)
 

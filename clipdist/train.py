@@ -23,9 +23,13 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from clipdist.config import Config, ConfigError, global_batch, load_config, validate
-from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
-from clipdist.engine import Checkpointer, TrainState, build_engine, effective_precision, input_dtype, select_accelerator
+from clipdist.data import build_eval_loader, build_train_loader, ensure_data
+from clipdist.distributed import DistEnv, DistEnvError, all_reduce_sum, barrier, destroy_distributed, init_distributed
+from clipdist.engine import Checkpointer, TrainState, build_engine, effective_precision, input_dtype
+from clipdist.eval import build_classifier, zero_shot_eval
 from clipdist.log import MetricLogger, setup_console_logging
+from clipdist.losses import build_loss
+from clipdist.models import build_model, tokenize
 
 log = logging.getLogger("clipdist")
 
@@ -41,7 +45,11 @@ class Components:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = sys.argv[1:] if argv is None else list(argv)
-    env = DistEnv.from_environ()
+    try:
+        env = DistEnv.from_environ()
+    except DistEnvError as error:
+        print(f"clipdist: launch environment: {error}", file=sys.stderr)
+        return 2
     setup_console_logging(env.rank)
     try:
         cfg, resolved = load_config(overrides)
@@ -68,14 +76,11 @@ def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]
 
 
 def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Components:
-    select_accelerator()
-    from clipdist.losses import build_loss
-    from clipdist.models import build_model
-
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     prepare_shards(cfg, env)
     model = build_model(cfg.model)
+    num_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     engine = build_engine(
         model,
         cfg.optim,
@@ -89,7 +94,7 @@ def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Com
     log.info(
         "%s: %.1fM parameters, global batch %d = %d local × %d ranks × %d accumulation (recipe: %d nodes × %d GPUs)",
         cfg.model.name,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        num_params / 1e6,
         global_batch(cfg, env.world_size),
         cfg.data.local_batch,
         env.world_size,
@@ -101,15 +106,13 @@ def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Com
         engine=engine,
         loss_fn=build_loss(cfg.loss),
         checkpointer=Checkpointer(run_dir / "checkpoints", env.rank),
-        logger=MetricLogger(cfg.logging, run_dir, resolved, env.rank),
+        logger=MetricLogger(cfg.logging, run_dir, resolved, env.rank, resuming=bool(cfg.train.resume)),
         device=device,
     )
 
 
 def prepare_shards(cfg: Config, env: DistEnv) -> None:
     """Rank 0 writes the demo shards on first use; the others wait for them."""
-    from clipdist.data import ensure_data
-
     if env.rank == 0:
         ensure_data(cfg.data)
     barrier()
@@ -117,8 +120,6 @@ def prepare_shards(cfg: Config, env: DistEnv) -> None:
 
 def train_batches(cfg: Config, env: DistEnv, state: TrainState) -> Iterator[Tuple[int, int, Any]]:
     """(epoch, index in epoch, batch), epoch after epoch, starting where `state` left off."""
-    from clipdist.data import build_train_loader
-
     epoch, start = state.epoch, state.step_in_epoch
     while True:
         loader = build_train_loader(
@@ -224,24 +225,19 @@ def evaluate(cfg: Config, env: DistEnv, engine, device: torch.device) -> Dict[st
     """Zero-shot top-1/top-5 with images sharded over all ranks (never rank 0 alone)."""
     if not cfg.eval.zero_shot_urls:
         return {}
-    from clipdist.data import build_eval_loader
-    from clipdist.eval import build_classifier, zero_shot_eval
-    from clipdist.models import tokenize
-
-    model = engine.module
+    model = engine.module  # its dtype is the training dtype; zero_shot_eval casts inputs to it
     started = time.perf_counter()
-    with torch.autocast(device.type, dtype=input_dtype(cfg.deepspeed), enabled=cfg.deepspeed.precision != "fp32"):
-        classifier = build_classifier(
-            model, tokenize, cfg.eval.classnames, cfg.eval.templates, device, context_length=cfg.model.text.context_length
-        )
-        loader = build_eval_loader(
-            cfg.eval.zero_shot_urls,
-            image_size=cfg.model.vision.image_size,
-            rank=env.rank,
-            world_size=env.world_size,
-            batch_size=cfg.eval.local_batch,
-        )
-        result = zero_shot_eval(model, loader, classifier, device)
+    classifier = build_classifier(
+        model, tokenize, cfg.eval.classnames, cfg.eval.templates, device, context_length=cfg.model.text.context_length
+    )
+    loader = build_eval_loader(
+        cfg.eval.zero_shot_urls,
+        image_size=cfg.model.vision.image_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        batch_size=cfg.eval.local_batch,
+    )
+    result = zero_shot_eval(model, loader, classifier, device)
     log.info(
         "zero-shot: top-1 %.2f%%  top-5 %.2f%%  on %d images (%.1f s)",
         100 * result["top1"],

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_zero_stages_give_the_same_losses(tmp_path, digits):
 
 def test_training_learns_logs_offline_and_resumes_exactly(tmp_path, digits):
     """Loss falls over 30 steps; an offline wandb run, metrics.jsonl and summary.json are written;
-    resuming from the step-15 checkpoint reproduces steps 16..30 to 1e-6."""
+    resuming (train.resume=latest) from the step-15 checkpoint reproduces steps 16..30 to 1e-6."""
     full_dir = tmp_path / "full"
     common = ["model=rn_tiny", "train.max_steps=30", "data.local_batch=32", "optim.lr=3e-3", "optim.warmup_steps=3"]
     full = losses(torchrun(full_dir, digits, *common, "train.checkpoint_every=15", "logging.wandb_mode=offline"))
@@ -70,7 +71,11 @@ def test_training_learns_logs_offline_and_resumes_exactly(tmp_path, digits):
     assert list((full_dir / "wandb").glob("offline-run-*")), "no offline wandb run written"
     assert (full_dir / "checkpoints" / "latest").read_text().strip() == "step_00000030"
 
-    resumed = losses(torchrun(tmp_path / "resumed", digits, *common, f"train.resume={full_dir}/checkpoints/step_00000015"))
+    # A run directory holding only the step-15 checkpoint, found through its `latest` pointer.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full_dir / "checkpoints" / "step_00000015", resumed_dir / "checkpoints" / "step_00000015")
+    (resumed_dir / "checkpoints" / "latest").write_text("step_00000015")
+    resumed = losses(torchrun(resumed_dir, digits, *common, "train.resume=latest"))
     assert sorted(resumed) == list(range(16, 31))
     for step in resumed:
         assert abs(resumed[step] - full[step]) <= 1e-6, (step, resumed[step], full[step])

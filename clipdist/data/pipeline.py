@@ -376,7 +376,8 @@ def build_train_loader(
         raise ValueError(f"start_step {start_step} is outside [0, {steps}] (steps per epoch)")
     dropped = total - steps * global_batch
     if dropped and rank == 0:
-        logger.info("epoch %d: %d of %d samples left out (less than one global batch of %d)", epoch, dropped, total, global_batch)
+        # Same count every epoch (only which samples changes): say it where a run starts.
+        logger.log(logging.INFO if epoch == 0 or start_step else logging.DEBUG,"epoch %d: %d of %d samples left out (less than one global batch of %d)", epoch, dropped, total, global_batch)
     plan = RankPlan(
         shards=epoch_shard_order(shards, seed, epoch),
         first_position=rank * steps * cfg.local_batch,
