@@ -122,13 +122,14 @@ class SimpleTokenizer:
             raise ValueError(f"context_length must be at least 2 (SOT and EOT), got {context_length}")
         if isinstance(texts, str):
             texts = [texts]
-        result = torch.zeros(len(texts), context_length, dtype=torch.long)
-        for row, text in enumerate(texts):
+        rows = []
+        for text in texts:
             ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
             if len(ids) > context_length:
                 ids = ids[: context_length - 1] + [self.eot_token_id]
-            result[row, : len(ids)] = torch.tensor(ids)
-        return result
+            rows.append(ids + [0] * (context_length - len(ids)))
+        # One tensor for the whole batch: per-row tensor writes cost more than the BPE itself.
+        return torch.tensor(rows, dtype=torch.long).reshape(len(texts), context_length)
 
 
 @functools.lru_cache(maxsize=1)
