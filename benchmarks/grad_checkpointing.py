@@ -1,13 +1,13 @@
 """What gradient checkpointing costs (step time) and saves (peak memory) for one CLIP training
 step: forward through both towers, the CLIP loss over the local batch, backward.
 
-Each case runs in a fresh subprocess so that neither inherits the other's allocator state:
-
     python benchmarks/grad_checkpointing.py --model vitb32 --batch 8 --steps 3
 
-Peak memory is what a step adds on top of the model and its gradients (which persist across
-steps, as they do under an optimizer): torch.cuda.max_memory_allocated on CUDA, else the
-process's peak resident set (VmHWM) after resetting it through /proc/self/clear_refs.
+Every measurement runs in a fresh subprocess, after one warm-up step, so that no case inherits
+another's allocator state. Step time is the median over the timed steps. Peak memory is what
+one step adds on top of the model and its gradients (which persist across steps, as they do
+under an optimizer): torch.cuda.max_memory_allocated on CUDA, else the rise in the process's
+peak resident set (VmHWM, reset through /proc/self/clear_refs).
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ from clipdist.losses import clip_loss_reference
 from clipdist.models import CLIP, build_model
 
 CASES = {"off": False, "on": True}
+MEASURES = ("time", "memory")
 
-# glibc raises its mmap threshold each time a large block is freed, after which blocks of that
-# size come from the heap and stay resident once freed; the warm-up step would then hide the
-# measured step's peak. A fixed threshold keeps every large tensor in its own mapping, so RSS
-# rises and falls with the tensors themselves.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+# glibc raises its mmap threshold each time a large block is freed; from then on blocks of that
+# size come from the heap, whose freed pages stay resident, so RSS after the warm-up step would
+# hide the measured step's peak. A fixed threshold gives every large tensor its own mapping,
+# which free() returns, so RSS rises and falls with live tensors. It also adds page faults
+# that slow the step, which is why time and memory are measured in separate processes.
+MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def random_batch(cfg: ModelConfig, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,21 +66,20 @@ def read_status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} field")
 
 
-def reset_peak_memory(device: torch.device) -> int:
-    """Start a new peak measurement; returns the baseline the peak is measured from."""
+def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
+    """Bytes that one step holds at its peak beyond what was allocated before it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    # Writing 5 resets VmHWM to the current RSS (Linux >= 4.0).
+        baseline = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - baseline
+    # Writing 5 resets VmHWM, the peak resident set, to the current RSS (Linux >= 4.0).
     Path("/proc/self/clear_refs").write_text("5")
-    return read_status_bytes("VmHWM")
-
-
-def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return read_status_bytes("VmHWM")
+    baseline = read_status_bytes("VmHWM")
+    step()
+    return read_status_bytes("VmHWM") - baseline
 
 
 def timed(step: Callable[[], None], device: torch.device) -> float:
@@ -91,8 +92,8 @@ def timed(step: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def run_case(model_name: str, batch: int, steps: int, checkpointing: bool, threads: int | None) -> Dict[str, Any]:
-    """One case, in this process: one warm-up step, then ``steps`` measured ones."""
+def run_worker(model_name: str, batch: int, steps: int, checkpointing: bool, measure: str, threads: int | None) -> Dict[str, Any]:
+    """One measurement of one case, in this process, after one warm-up step."""
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -106,23 +107,21 @@ def run_case(model_name: str, batch: int, steps: int, checkpointing: bool, threa
         train_step(model, images, tokens)
 
     timed(step, device)  # warm-up: allocates the gradients and any library workspaces
-    baseline = reset_peak_memory(device)
+    if measure == "memory":
+        return {"peak_bytes": peak_step_memory(step, device)}
     seconds = [timed(step, device) for _ in range(steps)]
-    return {
-        "peak_bytes": peak_memory(device) - baseline,
-        "step_seconds": statistics.median(seconds),
-        "all_step_seconds": seconds,
-        "threads": torch.get_num_threads(),
-    }
+    return {"step_seconds": statistics.median(seconds), "all_step_seconds": seconds, "threads": torch.get_num_threads()}
 
 
-def spawn_case(args: argparse.Namespace, case: str) -> Dict[str, Any]:
-    command = [sys.executable, __file__, "--worker", case, "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps)]
+def spawn_worker(args: argparse.Namespace, case: str, measure: str) -> Dict[str, Any]:
+    command = [sys.executable, __file__, "--worker", case, "--measure", measure]
+    command += ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps)]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **WORKER_ENV})
+    env = {**os.environ, **(MEMORY_WORKER_ENV if measure == "memory" else {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"case {case!r} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"case {case!r} ({measure}) failed with exit code {done.returncode}:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -158,19 +157,21 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vitb32", help="a conf/model name")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per case, after one warm-up step")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case, after one warm-up step")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/grad_checkpointing.json"))
     parser.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=MEASURES, default="time", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: List[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker is not None:
-        print(json.dumps(run_case(args.model, args.batch, args.steps, CASES[args.worker], args.threads)))
+        result = run_worker(args.model, args.batch, args.steps, CASES[args.worker], args.measure, args.threads)
+        print(json.dumps(result))
         return
-    cases = {case: spawn_case(args, case) for case in CASES}
+    cases = {case: {**spawn_worker(args, case, "time"), **spawn_worker(args, case, "memory")} for case in CASES}
     result = {
         "machine": describe_machine(),
         "model": args.model,
