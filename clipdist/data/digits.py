@@ -114,8 +114,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", default="data/digits", help="output folder")
     args = parser.parse_args(argv)
     info = ensure_digits_shards(args.out)
-    print(f"data.train_urls={info['train_urls']}  ({info['train_samples']} samples)")
-    print(f"eval.zero_shot_urls={info['eval_urls']}  ({info['eval_samples']} samples)")
+    print(f"data.train_urls=\"'{info['train_urls']}'\"  ({info['train_samples']} samples)")
+    print(f"eval.zero_shot_urls=\"'{info['eval_urls']}'\"  ({info['eval_samples']} samples)")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if skipped:
         print(f"skipped {sum(skipped.values())} of {len(rows)} rows: {dict(skipped)}")
     if shards:
-        print(f"data.train_urls={url_pattern(args.out, args.prefix, len(shards))}")
+        print(f"data.train_urls=\"'{url_pattern(args.out, args.prefix, len(shards))}'\"  (quoted for the shell and Hydra)")
 
 
 if __name__ == "__main__":
