@@ -50,6 +50,9 @@ class ModelConfig:
     grad_checkpointing: bool = False
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
+    # SigLIP's learnable logit bias (its paper: -10, with init_logit_scale log 10); None for the
+    # softmax CLIP loss, whose model has no bias.
+    init_logit_bias: Optional[float] = None
 
 
 @dataclass
@@ -63,9 +66,16 @@ class DataConfig:
     generate_digits: bool = False
 
 
+LOSS_IMPLS = ("gather", "ring", "siglip")
+
+
 @dataclass
 class LossConfig:
-    impl: str = "gather"  # "gather" (all-gather with autograd, local-loss rows/columns)
+    # gather: all-gather with autograd, each rank scores its rows/columns against all B.
+    # ring: same loss and gradients, embeddings travel a ring, [b, chunk_size] tiles only.
+    # siglip: sigmoid loss (needs model.init_logit_bias), chunked over the same ring.
+    impl: str = "gather"
+    chunk_size: int = 4096  # columns per logits tile (ring, siglip)
 
 
 @dataclass
@@ -180,7 +190,13 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True) -> None:
         "because plain accumulation would shrink the negatives to one micro-batch",
     )
     _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
-    _require(cfg.loss.impl in ("gather",), "loss.impl", f"expected one of ['gather'], got {cfg.loss.impl!r}")
+    _require(cfg.loss.impl in LOSS_IMPLS, "loss.impl", f"expected one of {list(LOSS_IMPLS)}, got {cfg.loss.impl!r}")
+    _require(cfg.loss.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {cfg.loss.chunk_size}")
+    _require(
+        (cfg.loss.impl == "siglip") == (cfg.model.init_logit_bias is not None),
+        "model.init_logit_bias",
+        "must be set (e.g. -10) exactly when loss.impl=siglip; use loss=siglip, which sets both",
+    )
     _require(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"expected 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     _require(cfg.deepspeed.precision in ("fp32", "bf16", "fp16"), "deepspeed.precision", f"expected fp32, bf16 or fp16, got {cfg.deepspeed.precision!r}")
     _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode", f"expected offline, online or disabled, got {cfg.logging.wandb_mode!r}")

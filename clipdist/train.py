@@ -148,8 +148,8 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
             images = batch.images.to(device, dtype, non_blocking=True)
             texts = batch.tokens.to(device, non_blocking=True)
 
-            image_emb, text_emb, logit_scale = engine(images, texts)
-            loss = run.loss_fn(image_emb.float(), text_emb.float(), logit_scale.float())
+            outputs = engine(images, texts)  # image_emb, text_emb, logit_scale[, logit_bias]
+            loss = run.loss_fn(*outputs)  # scores in float32 at least, whatever the tower dtype
             engine.backward(loss)
             engine.step()
 
@@ -158,7 +158,7 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
             last_step = state.step == cfg.train.max_steps
             with meter.paused():
                 if due(state.step, cfg.logging.log_every) or last_step:
-                    metrics = meter.flush(engine, logit_scale)
+                    metrics = meter.flush(engine, logit_scale=outputs[2])
                     run.logger.log({**metrics, "train/samples_seen": state.samples_seen}, state.step)
                     run.logger.progress(state.step, cfg.train.max_steps, metrics)
                 if last_step:

@@ -76,6 +76,19 @@ def test_output_contract():
     assert model(images, tokens)[2].item() == pytest.approx(100.0), "exp(logit_scale) clamps at max_logit_scale"
 
 
+def test_siglip_model_adds_a_learnable_bias_to_its_outputs():
+    cfg = copy.deepcopy(TINY_VIT)
+    cfg.init_logit_scale, cfg.init_logit_bias = math.log(10.0), -10.0
+    images, tokens = torch.randn(2, 3, 32, 32), random_tokens(2, TINY_TEXT, torch.Generator().manual_seed(0))
+    model = build_model(cfg)
+    outputs = model(images, tokens)
+    assert len(outputs) == 4 and model.logit_bias.shape == (1,)
+    assert outputs[2].item() == pytest.approx(10.0) and outputs[3].item() == -10.0, "SigLIP init: scale 10, bias -10"
+    assert "logit_bias" in model.no_weight_decay()
+    softmax_model = build_model(TINY_VIT)
+    assert softmax_model.logit_bias is None and len(softmax_model(images, tokens)) == 3
+
+
 def test_eot_pooling_ignores_tokens_after_eot():
     """Causal mask + EOT pooling: what follows EOT (padding) cannot change the text embedding."""
     torch.manual_seed(0)

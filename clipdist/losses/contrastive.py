@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from clipdist.config import LossConfig
 from clipdist.distributed import all_gather_with_grad, get_rank
+from clipdist.losses.ring import RingClipLoss
+from clipdist.losses.siglip import SigLipLoss
 
 
 class GatherClipLoss(nn.Module):
@@ -49,6 +51,11 @@ class GatherClipLoss(nn.Module):
 
 
 def build_loss(cfg: LossConfig, group: dist.ProcessGroup | None = None) -> nn.Module:
-    if cfg.impl == "gather":
-        return GatherClipLoss(group)
-    raise ValueError(f"loss.impl: unknown implementation {cfg.impl!r}, expected one of ['gather']")
+    builders = {
+        "gather": lambda: GatherClipLoss(group),
+        "ring": lambda: RingClipLoss(group, cfg.chunk_size),
+        "siglip": lambda: SigLipLoss(group, cfg.chunk_size),
+    }
+    if cfg.impl not in builders:
+        raise ValueError(f"loss.impl: unknown implementation {cfg.impl!r}, expected one of {list(builders)}")
+    return builders[cfg.impl]()

@@ -16,7 +16,7 @@ from clipdist.models.vit import VisionTransformer
 
 # Parameters that weight decay would wrongly pull towards zero: learned lookup tables and the
 # temperature. (The optimizer additionally exempts every parameter with ndim < 2.)
-_NO_DECAY_SUFFIXES = ("class_embedding", "positional_embedding", "token_embedding.weight", "logit_scale")
+_NO_DECAY_SUFFIXES = ("class_embedding", "positional_embedding", "token_embedding.weight", "logit_scale", "logit_bias")
 
 
 class CLIP(nn.Module):
@@ -35,6 +35,8 @@ class CLIP(nn.Module):
         # log of the inverse softmax temperature. Shape (1,), not a 0-dim scalar: DeepSpeed's
         # ZeRO partitioning cannot handle 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale))
+        # SigLIP's sigmoid loss also learns a bias; the softmax loss is shift-invariant and has none.
+        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.full((1,), cfg.init_logit_bias))
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
@@ -56,13 +58,16 @@ class CLIP(nn.Module):
         features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (image_emb, text_emb, logit_scale_exp): L2-normalised [batch, embed_dim]
-        embeddings, and the temperature exp(logit_scale) clamped to max_logit_scale, shape (1,)."""
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Returns (image_emb, text_emb, logit_scale_exp[, logit_bias]): L2-normalised
+        [batch, embed_dim] embeddings, the temperature exp(logit_scale) clamped to
+        max_logit_scale, shape (1,), and SigLIP's bias (1,) when the model has one — exactly the
+        arguments of the configured loss."""
         # The clamp stops the temperature from growing without bound (paper: capped at 100);
         # its gradient is zero once clamped, so logit_scale stays put there.
         logit_scale_exp = self.logit_scale.exp().clamp(max=self.max_logit_scale)
-        return self.encode_image(images), self.encode_text(tokens), logit_scale_exp
+        outputs = (self.encode_image(images), self.encode_text(tokens), logit_scale_exp)
+        return outputs if self.logit_bias is None else (*outputs, self.logit_bias)
 
     def no_weight_decay(self) -> Set[str]:
         return {name for name, _ in self.named_parameters() if name.endswith(_NO_DECAY_SUFFIXES)}
