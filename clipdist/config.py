@@ -166,8 +166,13 @@ def expand_urls(pattern: str) -> List[str]:
     return urls
 
 
+def is_local(url: str) -> bool:
+    """A file path, as opposed to a `pipe:` command or a URL with a scheme (s3://, https://)."""
+    return not url.startswith("pipe:") and "://" not in url
+
+
 def missing_local_shards(pattern: str) -> List[str]:
-    return [u for u in expand_urls(pattern) if not u.startswith(("pipe:", "http:", "https:", "s3:", "gs:")) and not glob.glob(u)]
+    return [u for u in expand_urls(pattern) if is_local(u) and not glob.glob(u)]
 
 
 def validate(cfg: Config, world_size: int, *, check_data: bool = True) -> None:

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from clipdist.config import LoggingConfig
 
@@ -70,10 +70,6 @@ class MetricLogger:
         if self.run is not None:
             for key, value in values.items():
                 self.run.summary[key] = value
-
-    @property
-    def wandb_dir(self) -> Optional[str]:
-        return None if self.run is None else self.run.dir
 
     def close(self) -> None:
         if self.metrics_file is not None:

@@ -27,6 +27,7 @@ from clipdist.data import build_eval_loader, build_train_loader, ensure_data
 from clipdist.distributed import DistEnv, DistEnvError, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from clipdist.engine import Checkpointer, TrainState, build_engine, effective_precision, input_dtype
 from clipdist.eval import build_classifier, zero_shot_eval
+from clipdist.fileio import write_text_atomically
 from clipdist.log import MetricLogger, setup_console_logging
 from clipdist.losses import build_loss
 from clipdist.models import build_model, tokenize
@@ -269,9 +270,7 @@ def write_summary(summary: Dict[str, Any], run_dir: Path, rank: int) -> None:
     if rank != 0:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(run_dir / "summary.json")
+    write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log.info("summary: %s", run_dir / "summary.json")
 
 

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from clipdist.config import DataConfig, expand_urls, missing_local_shards
+from clipdist.config import DataConfig, expand_urls, is_local, missing_local_shards
 from clipdist.data.transforms import clip_preprocess
 from clipdist.data.shards import load_index
 
@@ -79,10 +79,6 @@ class BadSample(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # Shards and their sample counts
-
-
-def is_local(url: str) -> bool:
-    return not url.startswith("pipe:") and "://" not in url
 
 
 def iter_shard(url: str) -> Iterator[dict]:

@@ -8,6 +8,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from clipdist.fileio import write_text_atomically
+
 
 @dataclass(frozen=True)
 class ShardInfo:
@@ -43,7 +45,4 @@ def read_index(out_dir: str, prefix: str) -> Optional[list[ShardInfo]]:
 
 def write_index(out_dir: str, prefix: str, shards: list[ShardInfo]) -> None:
     index = {"shards": [asdict(s) for s in shards], "total": sum(s.samples for s in shards)}
-    tmp = index_path(out_dir, prefix) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(tmp, index_path(out_dir, prefix))
+    write_text_atomically(index_path(out_dir, prefix), json.dumps(index, indent=1))

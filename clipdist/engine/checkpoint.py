@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from clipdist.fileio import write_text_atomically
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -32,12 +34,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class Checkpointer:
     def __init__(self, directory: str | os.PathLike, rank: int):
         self.directory = Path(directory)
@@ -49,7 +45,7 @@ class Checkpointer:
         engine.save_checkpoint(str(self.directory), tag=tag, client_state={"train_state": asdict(state)}, save_latest=False)
         _barrier()
         if self.rank == 0:
-            _write_atomically(self.directory / LATEST, tag)
+            write_text_atomically(self.directory / LATEST, tag)
         _barrier()
         return self.directory / tag
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from clipdist.config import LossConfig
 from clipdist.distributed import all_gather_with_grad, get_rank
-from clipdist.losses.ring import RingClipLoss
+from clipdist.losses.ring import RingClipLoss, check_same_shape, compute_dtype
 from clipdist.losses.siglip import SigLipLoss
 
 
@@ -33,13 +33,11 @@ class GatherClipLoss(nn.Module):
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         """image_emb, text_emb: [b, d], normalised. logit_scale: scalar or (1,), already exp'd and clamped."""
-        if image_emb.shape != text_emb.shape:
-            raise ValueError(f"image and text embeddings differ in shape: {tuple(image_emb.shape)} vs {tuple(text_emb.shape)}")
+        check_same_shape(image_emb, text_emb)
         image_all = all_gather_with_grad(image_emb, self.group)
         text_all = all_gather_with_grad(text_emb, self.group)
-        # bf16/fp16 logits of magnitude ~100 keep barely two significant digits; gather in the
-        # training dtype (half the bytes), then score in at least float32.
-        dtype = torch.promote_types(image_emb.dtype, torch.float32)
+        # Gather in the training dtype (half the bytes), score in at least float32.
+        dtype = compute_dtype(image_emb.dtype)
         image_local, text_local = image_emb.to(dtype), text_emb.to(dtype)
         image_all, text_all = image_all.to(dtype), text_all.to(dtype)
         scale = logit_scale.to(dtype).reshape(())

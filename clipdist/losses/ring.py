@@ -86,9 +86,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def check_pair(image_emb: torch.Tensor, text_emb: torch.Tensor, chunk_size: int) -> None:
+def check_same_shape(image_emb: torch.Tensor, text_emb: torch.Tensor) -> None:
     if image_emb.shape != text_emb.shape:
         raise ValueError(f"image and text embeddings differ in shape: {tuple(image_emb.shape)} vs {tuple(text_emb.shape)}")
+
+
+def check_pair(image_emb: torch.Tensor, text_emb: torch.Tensor, chunk_size: int) -> None:
+    check_same_shape(image_emb, text_emb)
     if chunk_size < 1:
         raise ValueError(f"loss.chunk_size must be >= 1, got {chunk_size}")
 
