@@ -56,12 +56,33 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One shard collection of a training mix."""
+
+    urls: str = ""  # brace pattern; several joined with '::'
+    weight: float = 1.0  # share of the samples drawn in data.mode=resampled
+    name: Optional[str] = None  # in logs (data/mix/<name>); default: source<i>
+
+
+DATA_MODES = ("exact", "resampled")
+
+
+@dataclass
 class DataConfig:
     name: str = "digits"
-    train_urls: str = "data/digits/train-{000000..000003}.tar"
+    # One source, the common case. data.sources lists several (with weights) instead.
+    train_urls: Optional[str] = "data/digits/train-{000000..000003}.tar"
+    sources: List[SourceConfig] = field(default_factory=list)
+    # exact: every sample once per epoch over all ranks and workers (the tail that cannot fill
+    # a global batch is dropped, a different one each epoch). resampled: shards drawn with
+    # replacement by source weight, samples_per_epoch samples per epoch.
+    mode: str = "exact"
+    samples_per_epoch: Optional[int] = None  # resampled only; default: the sources' total
     local_batch: int = 64
     num_workers: int = 0
     shuffle_buffer: int = 256
+    # Write "step key key ..." lines per rank to <output_dir>/keys/ (audits, resume checks).
+    record_keys: bool = False
     # Written on first use when the train shards are absent (the digits quickstart).
     generate_digits: bool = False
 
@@ -213,16 +234,56 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True) -> None:
             f"{cfg.train.global_batch} != data.local_batch ({cfg.data.local_batch}) × world_size ({world_size}) "
             f"× train.accum_steps ({cfg.train.accum_steps}) = {derived}",
         )
-    _require(bool(cfg.data.train_urls), "data.train_urls", "is empty")
-    if check_data and not cfg.data.generate_digits:
-        missing = missing_local_shards(cfg.data.train_urls)
-        _require(not missing, "data.train_urls", f"{len(missing)} shard(s) match no file, first: {missing[0] if missing else ''}")
+    validate_data(cfg.data, check_files=check_data and not cfg.data.generate_digits)
     if cfg.eval.zero_shot_urls:
         _require(bool(cfg.eval.classnames), "eval.classnames", "must list the class names when eval.zero_shot_urls is set")
         _require(all("{}" in t for t in cfg.eval.templates), "eval.templates", "every template needs a '{}' placeholder")
         if check_data and not cfg.data.generate_digits:
             missing = missing_local_shards(cfg.eval.zero_shot_urls)
             _require(not missing, "eval.zero_shot_urls", f"{len(missing)} shard(s) match no file, first: {missing[0] if missing else ''}")
+
+
+def train_sources(cfg: DataConfig) -> List[SourceConfig]:
+    """data.sources, or data.train_urls as a single source; each with its display name."""
+    sources = cfg.sources or ([SourceConfig(urls=cfg.train_urls)] if cfg.train_urls else [])
+    return [SourceConfig(s.urls, s.weight, s.name or f"source{i}") for i, s in enumerate(sources)]
+
+
+def source_key(cfg: DataConfig, index: int) -> str:
+    """The config key of a source, for error messages."""
+    return f"data.sources[{index}]" if cfg.sources else "data.train_urls"
+
+
+def validate_data(cfg: DataConfig, *, check_files: bool) -> None:
+    _require(
+        not (cfg.sources and cfg.train_urls),
+        "data.sources",
+        "both data.sources and data.train_urls are set; use one (data.train_urls=null with data.sources)",
+    )
+    sources = train_sources(cfg)
+    _require(bool(sources), "data.train_urls", "no training data: set data.train_urls (or CLIPDIST_TRAIN_URLS) or data.sources")
+    _require(cfg.mode in DATA_MODES, "data.mode", f"expected one of {list(DATA_MODES)}, got {cfg.mode!r}")
+    _require(cfg.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    names = [s.name for s in sources]
+    _require(len(set(names)) == len(names), "data.sources", f"source names must differ, got {names}")
+    for i, source in enumerate(sources):
+        key = source_key(cfg, i)
+        _require(bool(source.urls), f"{key}.urls" if cfg.sources else key, "is empty")
+        _require(source.weight > 0, f"{key}.weight", f"must be > 0, got {source.weight}")
+        if cfg.mode == "exact" and len(sources) > 1:
+            _require(
+                source.weight == 1.0,
+                f"{key}.weight",
+                "weights apply to data.mode=resampled; exact mode reads every sample once, so its mix is the sources' sizes",
+            )
+        if check_files:
+            # A few missing shards are skipped and counted by the loader; none at all is a mistake.
+            urls = [u for u in expand_urls(source.urls) if is_local(u)]
+            missing = missing_local_shards(source.urls)
+            _require(not urls or len(missing) < len(urls), key, f"no shard matches a file ({len(missing)} missing, first: {missing[0] if missing else ''})")
+    if cfg.samples_per_epoch is not None:
+        _require(cfg.mode == "resampled", "data.samples_per_epoch", "applies to data.mode=resampled only")
+        _require(cfg.samples_per_epoch >= 1, "data.samples_per_epoch", "must be >= 1")
 
 
 def global_batch(cfg: Config, world_size: int) -> int:

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from clipdist.config import Config, ConfigError, global_batch, load_config, validate
-from clipdist.data import build_eval_loader, build_train_loader, ensure_data
+from clipdist.data import TrainData, build_eval_loader, describe_counts, ensure_data
 from clipdist.distributed import DistEnv, DistEnvError, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from clipdist.engine import Checkpointer, TrainState, build_engine, effective_precision, input_dtype
 from clipdist.eval import build_classifier, zero_shot_eval
@@ -39,6 +39,7 @@ log = logging.getLogger("clipdist")
 class Components:
     engine: Any  # deepspeed.DeepSpeedEngine
     loss_fn: torch.nn.Module
+    data: TrainData
     checkpointer: Checkpointer
     logger: MetricLogger
     device: torch.device
@@ -68,7 +69,7 @@ def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]
     init_distributed(env)
     try:
         run = build_components(cfg, env, resolved)
-        state = run.checkpointer.load(run.engine, cfg.train.resume) or TrainState()
+        state = resume(cfg, run)
         summary = train_loop(cfg, env, run, state)
         run.logger.close()
         return summary
@@ -103,9 +104,20 @@ def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Com
         cfg.launch.nodes,
         cfg.launch.gpus_per_node,
     )
+    data = TrainData(
+        cfg.data,
+        image_size=cfg.model.vision.image_size,
+        context_length=cfg.model.text.context_length,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.train.seed,
+        accum_steps=cfg.train.accum_steps,
+        keys_file=run_dir / "keys" / f"rank{env.rank:05d}.txt" if cfg.data.record_keys else None,
+    )
     return Components(
         engine=engine,
         loss_fn=build_loss(cfg.loss),
+        data=data,
         checkpointer=Checkpointer(run_dir / "checkpoints", env.rank),
         logger=MetricLogger(cfg.logging, run_dir, resolved, env.rank, resuming=bool(cfg.train.resume)),
         device=device,
@@ -119,23 +131,20 @@ def prepare_shards(cfg: Config, env: DistEnv) -> None:
     barrier()
 
 
-def train_batches(cfg: Config, env: DistEnv, state: TrainState) -> Iterator[Tuple[int, int, Any]]:
-    """(epoch, index in epoch, batch), epoch after epoch, starting where `state` left off."""
-    epoch, start = state.epoch, state.step_in_epoch
-    while True:
-        loader = build_train_loader(
-            cfg.data,
-            image_size=cfg.model.vision.image_size,
-            context_length=cfg.model.text.context_length,
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=cfg.train.seed,
-            epoch=epoch,
-            start_step=start,
-        )
-        for index, batch in enumerate(loader, start):
-            yield epoch, index, batch
-        epoch, start = epoch + 1, 0
+def resume(cfg: Config, run: Components) -> TrainState:
+    """The loop's state, and the data position, of the checkpoint named by train.resume."""
+    loaded = run.checkpointer.load(run.engine, cfg.train.resume)
+    if loaded is None:
+        return TrainState()
+    state, data_position = loaded
+    run.data.load_state_dict(data_position)
+    return state
+
+
+def train_batches(data: TrainData) -> Iterator[Tuple[int, int, Any]]:
+    """(epoch, index in epoch, batch), epoch after epoch, from the data's position on."""
+    for batch in data:
+        yield data.epoch, data.next_batch - 1, batch
 
 
 def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) -> Dict[str, Any]:
@@ -145,7 +154,7 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
     meter = ThroughputMeter()
     metrics: Dict[str, float] = {}
     if state.step < cfg.train.max_steps:
-        for epoch, index, batch in train_batches(cfg, env, state):
+        for epoch, index, batch in train_batches(run.data):
             images = batch.images.to(device, dtype, non_blocking=True)
             texts = batch.tokens.to(device, non_blocking=True)
 
@@ -160,6 +169,7 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
             with meter.paused():
                 if due(state.step, cfg.logging.log_every) or last_step:
                     metrics = meter.flush(engine, logit_scale=outputs[2])
+                    metrics.update(run.data.stats.global_metrics(all_reduce_sum), **{"data/epoch": epoch})
                     run.logger.log({**metrics, "train/samples_seen": state.samples_seen}, state.step)
                     run.logger.progress(state.step, cfg.train.max_steps, metrics)
                 if last_step:
@@ -167,13 +177,16 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
                 if due(state.step, cfg.eval.every_steps):
                     run.logger.log(evaluate(cfg, env, engine, device), state.step)
                 if due(state.step, cfg.train.checkpoint_every):
-                    run.checkpointer.save(engine, state)
-        run.checkpointer.save(engine, state)
+                    run.checkpointer.save(engine, state, run.data.state_dict())
+        run.checkpointer.save(engine, state, run.data.state_dict())
     else:
         log.info("nothing to train: resumed at step %d of train.max_steps=%d", state.step, cfg.train.max_steps)
     eval_metrics = evaluate(cfg, env, engine, device)
     run.logger.log(eval_metrics, state.step)
+    data_metrics = run.data.stats.global_metrics(all_reduce_sum)
+    log.info("data: %s", describe_counts(data_metrics))
     summary = summarize(cfg, env, state, metrics, eval_metrics, meter)
+    summary["data"] = data_metrics
     write_summary(summary, Path(cfg.train.output_dir), env.rank)
     run.logger.summary(summary)
     return summary

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_distributed
+from shard_helpers import caption_of, coded_image, decoded_index, key_index, png_bytes, write_indexed_shards
 from PIL import Image, ImageFilter
 
 from clipdist.config import DataConfig
 from clipdist.config import load_config
 from clipdist.data.digits import DIGIT_CLASSNAMES, TRAIN_TEMPLATES, ensure_digits_shards, train_caption
-from clipdist.data.pipeline import build_eval_loader, build_train_loader, ensure_data, iter_shard
-from clipdist.data.transforms import CLIP_MEAN, CLIP_STD, clip_preprocess
+from clipdist.data.pipeline import build_eval_loader, build_train_loader, ensure_data
+from clipdist.data.sources import iter_shard
+from clipdist.data.transforms import clip_preprocess
 from clipdist.data.shards import read_index
 from clipdist.data.write_shards import write_samples
 from clipdist.models.tokenizer import tokenize
@@ -31,46 +33,6 @@ SHARD_SIZES = [7, 13, 4, 11, 9]  # 44 samples; unequal on purpose
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def coded_image(index: int) -> Image.Image:
-    """A solid 8×8 image whose red channel is the sample index, so rows can be traced."""
-    return Image.new("RGB", (8, 8), (index, 255 - index, 40))
-
-
-def decoded_index(image: torch.Tensor) -> int:
-    red = image[0].mean() * CLIP_STD[0] + CLIP_MEAN[0]
-    return int(round(red.item() * 255))
-
-
-def caption_of(index: int) -> str:
-    return f"sample number {index}"
-
-
-def write_indexed_shards(out_dir: str, prefix: str, sizes: list[int], with_class: bool = False) -> str:
-    """Shards of the given sizes where sample i has key f"{i:09d}", coded image i, caption i."""
-    index = 0
-    for shard, size in enumerate(sizes):
-        samples = []
-        for _ in range(size):
-            sample = {"__key__": f"{index:09d}", "png": png_bytes(coded_image(index)), "txt": caption_of(index)}
-            if with_class:
-                sample["cls"] = index
-            samples.append(sample)
-            index += 1
-        # One call per shard so the sizes are exactly as asked; the index is rewritten each time.
-        write_samples(samples, out_dir, f"{prefix}{shard}", shard_size=size)
-    return os.path.join(out_dir, f"{prefix}{{0..{len(sizes) - 1}}}-000000.tar")
-
-
-def key_index(key: str) -> int:
-    return int(key.rsplit("#", 1)[1])
 
 
 def epoch_keys(urls: str, *, rank: int, world_size: int, seed: int, epoch: int, num_workers: int, start_step: int = 0,

@@ -1,62 +1,74 @@
-"""WebDataset loaders where every rank takes the same number of steps and sees each sample once.
+"""WebDataset loaders where every rank takes the same number of steps, and batch contents are a
+pure function of (seed, epoch, world size, local batch, workers, shuffle buffer, shards).
 
-Layout of one training epoch (seed s, epoch e, R ranks, local batch B, W loader workers):
+One epoch of one rank (seed s, epoch e, R ranks, local batch B, W loader workers):
 
-1. Shards are put in an order drawn from (s, e) and their samples laid end to end.
-2. ``steps_per_epoch = total // (B * R)``; rank r owns the contiguous positions
-   ``[r * steps * B, (r + 1) * steps * B)``. The tail (less than one global batch) is dropped
-   and logged; since the shard order changes every epoch, so do the dropped samples.
-3. torch's DataLoader takes batch i of a rank from worker i mod W, so the rank's batches are
-   dealt round-robin to W *streams*, and each stream owns one contiguous slice of the rank's
-   positions. A stream therefore opens only the shards overlapping its slice and skips the
-   samples in front of it without decoding them.
-4. Shuffling: a stream reads its slice in windows of ``shuffle_buffer`` samples (rounded down
+1. exact mode: the shards of all sources are put in an order drawn from (s, e) and their samples
+   laid end to end (positions, see sources.py). ``batches = total // (B·R·accum) · accum``; rank r
+   owns the contiguous positions ``[r·batches·B, (r+1)·batches·B)``. The tail (less than one global
+   batch) is dropped and logged; the shard order changes every epoch, and so do the dropped samples.
+   resampled mode: ``samples_per_epoch`` sets the batches; each stream (below) reads its own
+   endless sequence of shards drawn with replacement from (s, e, r, stream) by source weight.
+2. torch's DataLoader takes batch i of a rank from worker i mod W, so the rank's batches are
+   dealt round-robin to W *streams*, and each stream reads one contiguous slice of positions.
+   A stream therefore opens only the shards overlapping its slice and skips the samples in
+   front of it without decoding them.
+3. Shuffling: a stream reads its slice in windows of ``shuffle_buffer`` samples (rounded down
    to whole batches, at least one) and cuts each window into batches after a permutation
-   drawn from (s, e, rank, stream, window). Batch contents are thus a pure function of
-   (seed, epoch, world size, local batch, workers, shuffle buffer): ``start_step=k`` yields
-   exactly batches k.. of an uninterrupted epoch, provided num_workers is unchanged.
+   drawn from (s, e, r, stream, window). ``start_step=k`` therefore yields exactly batches k..
+   of an uninterrupted epoch, provided num_workers is unchanged: resume needs no saved RNG.
 
-A sample with an undecodable or missing image, or a missing or empty caption, is replaced by a
-good sample of the same batch (a duplicate row), so batch shapes and step counts stay equal
-across ranks. Borrowing from later batches instead would make batch contents depend on whether
-earlier batches were decoded, which breaks resume; the number of duplicates is the same either
-way. Replacements are counted per reason plus "padded" on ``Batch.skipped`` and summed on
-``TrainLoader.skipped``.
+Bad data never stops training and is never dropped silently. A sample with an undecodable or
+missing image, or a missing, empty or non-UTF-8 caption, and the positions of a missing or
+truncated shard, are replaced by good samples of the same batch (duplicate rows), so batch
+shapes and step counts stay equal across ranks; a batch with no good sample at all borrows the
+first good samples of its stream. Borrowing from the next batch instead would make contents
+depend on whether earlier batches decoded, which breaks resume; the count of duplicates is the
+same either way. Replacements are counted per reason (SKIP_REASONS) plus "padded".
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import io
 import itertools
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from clipdist.config import DataConfig, expand_urls, is_local, missing_local_shards
+from clipdist.config import DataConfig, expand_urls, missing_local_shards, source_key, train_sources
+from clipdist.data.sources import (
+    Shard,
+    ShardDraws,
+    epoch_shard_order,
+    first_readable_samples,
+    locate,
+    read_positions,
+    shard_sample_counts,
+    source_shards,
+)
+from clipdist.data.sources import iter_shard
 from clipdist.data.transforms import clip_preprocess
-from clipdist.data.shards import load_index
+
+__all__ = ["Batch", "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader", "ensure_data", "iter_shard",
+           "shard_sample_counts"]  # the last two for shard readers
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    samples: int
+# Why a row was replaced, in the order logs and checkpoints list them. "padded" counts the
+# duplicate rows that took the place of bad ones.
+SKIP_REASONS = ("bad_image", "no_image", "no_caption", "bad_caption", "missing_shard", "truncated_shard", "padded")
+DRAW_TAG = 1 << 30  # keeps the draw seeds apart from the shuffle seeds (window indices stay below it)
+LOGGED_BAD_SAMPLES = 20  # per process; the rest are counted, not logged
 
 
 @dataclass
@@ -65,6 +77,7 @@ class Batch:
     tokens: torch.Tensor  # int64 [b, context_length]
     keys: list[str]  # "URL#__key__" of each row; a padded row repeats its source's key
     skipped: dict[str, int]  # rows of this batch replaced, by reason, plus "padded"
+    sources: dict[int, int]  # rows per source index
 
     def pin_memory(self) -> "Batch":
         # DataLoader(pin_memory=True) calls this; the dataclass is opaque to its default.
@@ -78,78 +91,21 @@ class BadSample(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Shards and their sample counts
-
-
-def iter_shard(url: str) -> Iterator[dict]:
-    """Samples of one shard in tar order, as dicts of raw bytes keyed by extension."""
-    stream = gopen(url, "rb")
-    try:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-    finally:
-        stream.close()
-
-
-def indexed_counts(urls: Sequence[str]) -> dict[str, int]:
-    """Sample counts from the ``*-index.json`` files that the shard writer puts beside shards."""
-    counts = {}
-    for folder in sorted({os.path.dirname(u) for u in urls if is_local(u)}):
-        for path in glob.glob(os.path.join(folder, "*-index.json")):
-            for info in load_index(path):
-                counts[os.path.normpath(os.path.join(folder, info.url))] = info.samples
-    return counts
-
-
-@functools.lru_cache(maxsize=8)
-def shard_sample_counts(urls: tuple[str, ...]) -> tuple[Shard, ...]:
-    """Every shard with its sample count: from an index file if there is one, else by reading
-    the shard once. Deterministic, so every rank computes the same answer on its own."""
-    indexed = indexed_counts(urls)
-    shards = []
-    for url in urls:
-        count = indexed.get(os.path.normpath(url)) if is_local(url) else None
-        if count is None:
-            logger.info("counting the samples of %s (no index file beside it)", url)
-            count = sum(1 for _ in iter_shard(url))
-        shards.append(Shard(url, count))
-    return tuple(shards)
-
-
-def read_positions(shards: Sequence[Shard], start: int, stop: int) -> Iterator[dict]:
-    """Raw samples at positions [start, stop) of the shards laid end to end; samples in front
-    of ``start`` within a shard are read past, not decoded."""
-    offset = 0
-    for shard in shards:
-        lo, hi = max(start - offset, 0), min(stop - offset, shard.samples)
-        if lo < hi:
-            samples = iter_shard(shard.url)
-            found = 0
-            for sample in itertools.islice(samples, lo, hi):
-                found += 1
-                yield sample
-            samples.close()
-            if found < hi - lo:
-                raise ValueError(f"{shard.url}: has fewer than the {shard.samples} samples its index lists")
-        offset += shard.samples
-        if offset >= stop:
-            return
-
-
-# ---------------------------------------------------------------------------------------------
 # How a rank's batches are dealt to loader workers
 
 
 @dataclass(frozen=True)
 class RankPlan:
-    shards: tuple[Shard, ...]  # in this epoch's order
-    first_position: int  # the rank's first position in the concatenated shards
+    shards: tuple[Shard, ...]  # exact and eval: this epoch's order, shared by every stream
+    draws: Optional[ShardDraws]  # resampled: each stream reads its own endless draw instead
+    first_position: int  # the rank's first position in the concatenated shards (exact, eval)
     num_samples: int  # positions the rank owns; fewer than num_batches * batch_size pads (eval)
     num_batches: int
     batch_size: int
     start_batch: int  # batches before it are skipped (resume)
     num_streams: int  # = max(1, num_workers)
     window_batches: int  # shuffle window, in batches
-    shuffle_seed: Optional[tuple[int, ...]]  # None: no shuffling (eval)
+    seed: Optional[tuple[int, ...]]  # (seed, epoch, rank); None: read in order (eval)
 
     def stream_batches(self, stream: int) -> range:
         return range(stream, self.num_batches, self.num_streams)
@@ -159,47 +115,87 @@ class RankPlan:
         # is the rank's batch start_batch + n.
         return (worker + self.start_batch) % self.num_streams
 
+    def stream_shards(self, stream: int) -> Iterable[Shard]:
+        if self.draws is None:
+            return self.shards
+        return self.draws.sequence((*self.seed, stream, DRAW_TAG))
+
     def stream_slice(self, stream: int) -> tuple[int, int]:
-        """The rank positions [lo, hi) that ``stream`` turns into batches."""
+        """The positions [lo, hi) of stream_shards(stream) that ``stream`` turns into batches."""
+        length = len(self.stream_batches(stream)) * self.batch_size
+        if self.draws is not None:
+            return 0, length
         batches_before = sum(len(self.stream_batches(s)) for s in range(stream))
         lo = self.first_position + batches_before * self.batch_size
         end = self.first_position + self.num_samples
-        return min(lo, end), min(lo + len(self.stream_batches(stream)) * self.batch_size, end)
+        return min(lo, end), min(lo + length, end)
+
+    def resume_position(self, stream: int) -> int:
+        """Where ``stream`` starts reading: the first sample of the shuffle window holding its
+        first batch from start_batch on."""
+        lo, hi = self.stream_slice(stream)
+        first = len(range(stream, self.start_batch, self.num_streams))  # its batches skipped
+        return min(lo + (first // self.window_batches) * self.window_batches * self.batch_size, hi)
 
     def raw_batches(self, stream: int) -> Iterator[list[dict]]:
         """The raw samples of each batch of ``stream`` from start_batch on, in order. Eval
         batches past the rank's samples come out short or empty."""
-        lo, hi = self.stream_slice(stream)
+        hi = self.stream_slice(stream)[1]
         num_batches = len(self.stream_batches(stream))
-        first = len(range(stream, self.start_batch, self.num_streams))  # batches to skip
+        first = len(range(stream, self.start_batch, self.num_streams))
         per_window = self.window_batches
         window_size = per_window * self.batch_size
-        first_window = first // per_window
-        samples = read_positions(self.shards, min(lo + first_window * window_size, hi), hi)
-        for w in range(first_window, -(-num_batches // per_window)):
+        samples = read_positions(self.stream_shards(stream), self.resume_position(stream), hi)
+        for w in range(first // per_window, -(-num_batches // per_window)):
             window = list(itertools.islice(samples, window_size))
-            if self.shuffle_seed is not None:
-                order = np.random.default_rng([*self.shuffle_seed, stream, w]).permutation(len(window))
+            if self.seed is not None:
+                order = np.random.default_rng([*self.seed, stream, w]).permutation(len(window))
                 window = [window[i] for i in order]
             for t in range(max(first, w * per_window), min((w + 1) * per_window, num_batches)):
                 offset = (t - w * per_window) * self.batch_size
                 yield window[offset : offset + self.batch_size]
 
-
-def epoch_shard_order(shards: Sequence[Shard], seed: int, epoch: int) -> tuple[Shard, ...]:
-    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-    return tuple(shards[i] for i in order)
+    def describe_stream(self, stream: int) -> dict:
+        """Where a stream resumes, in the terms of its shards (for the checkpoint and for people)."""
+        index, shard, offset = locate(self.stream_shards(stream), self.resume_position(stream))
+        return {
+            "stream": stream,
+            "next_batch": self.stream_batches(stream)[len(range(stream, self.start_batch, self.num_streams))]
+            if self.start_batch < self.num_batches
+            else None,
+            "shard_index": index,
+            "shard": shard.url if shard else None,
+            "sample_offset": offset,
+            "rng": [*self.seed, stream] if self.seed else None,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # Decoding
+
+_bad_samples_logged = 0
 
 
 def sample_key(sample: dict) -> str:
     return f"{sample['__url__']}#{sample['__key__']}"
 
 
+def log_bad_sample(sample: dict, reason: str) -> None:
+    global _bad_samples_logged
+    _bad_samples_logged += 1
+    if _bad_samples_logged <= LOGGED_BAD_SAMPLES:
+        logger.warning("skipping sample %s: %s", sample_key(sample), reason)
+        if _bad_samples_logged == LOGGED_BAD_SAMPLES:
+            logger.warning("further bad samples are counted (data/skipped/* in the metrics) but not logged one by one")
+
+
+def check_readable(sample: dict) -> None:
+    if "__bad__" in sample:  # a position its shard could not deliver; the shard was logged
+        raise BadSample(sample["__bad__"])
+
+
 def decode_image(sample: dict, image_size: int) -> torch.Tensor:
+    check_readable(sample)
     data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if data is None:
         raise BadSample("no_image")
@@ -211,7 +207,11 @@ def decode_image(sample: dict, image_size: int) -> torch.Tensor:
 
 
 def decode_caption(sample: dict) -> str:
-    caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+    check_readable(sample)
+    try:
+        caption = sample.get("txt", b"").decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise BadSample("bad_caption") from error
     if not caption:
         raise BadSample("no_caption")
     return caption
@@ -224,28 +224,38 @@ def decode_label(sample: dict) -> int:
         raise ValueError(f"{sample_key(sample)}: eval sample has no integer .cls label") from error
 
 
-def train_batch(raw: list[dict], image_size: int, context_length: int) -> Batch:
-    from clipdist.models.tokenizer import tokenize
+Row = tuple[str, torch.Tensor, str, int]  # key, image, caption, source
 
-    good: list[tuple[str, torch.Tensor, str]] = []
-    skipped: Counter = Counter()
+
+def decode_rows(raw: Iterable[dict], image_size: int, skipped: Counter) -> Iterator[Row]:
+    """The usable samples of ``raw``, decoded; the others are counted in ``skipped``."""
     for sample in raw:
         try:
             caption = decode_caption(sample)
-            good.append((sample_key(sample), decode_image(sample, image_size), caption))
+            yield sample_key(sample), decode_image(sample, image_size), caption, sample.get("__source__", 0)
         except BadSample as bad:
             skipped[bad.reason] += 1
-            logger.warning("skipping sample %s: %s", sample_key(sample), bad.reason)
-    if not good:
-        raise ValueError(f"every sample of a batch failed to decode ({dict(skipped)}), first {sample_key(raw[0])}")
-    skipped["padded"] = len(raw) - len(good)
+            if "__bad__" not in sample:
+                log_bad_sample(sample, bad.reason)
+
+
+def train_batch(raw: list[dict], image_size: int, context_length: int, fallback: Callable[[], list[Row]]) -> Batch:
+    """Bad samples are replaced by duplicates of the batch's good rows, or, when none is good,
+    of ``fallback()`` rows, so every rank keeps the same batch size and number of steps."""
+    from clipdist.models.tokenizer import tokenize
+
+    skipped: Counter = Counter()
+    own = list(decode_rows(raw, image_size, skipped))
+    skipped["padded"] = len(raw) - len(own)
+    good = own or fallback()
     rows = list(itertools.islice(itertools.cycle(good), len(raw)))
-    keys, images, captions = zip(*rows)
+    keys, images, captions, sources = zip(*rows)
     return Batch(
         images=torch.stack(images),
         tokens=tokenize(list(captions), context_length=context_length),
         keys=list(keys),
         skipped={reason: n for reason, n in skipped.items() if n},
+        sources=dict(Counter(sources)),
     )
 
 
@@ -255,13 +265,15 @@ def eval_batch(raw: list[dict], image_size: int, batch_size: int) -> tuple[torch
     labels = torch.full((batch_size,), -1, dtype=torch.long)
     skipped: Counter = Counter()
     for row, sample in enumerate(raw):
-        label = decode_label(sample)
         try:
+            check_readable(sample)
+            label = decode_label(sample)
             images[row] = decode_image(sample, image_size)
             labels[row] = label
         except BadSample as bad:
             skipped[bad.reason] += 1
-            logger.warning("eval sample %s unusable: %s", sample_key(sample), bad.reason)
+            if "__bad__" not in sample:
+                log_bad_sample(sample, bad.reason)
     return images, labels, dict(skipped)
 
 
@@ -276,8 +288,21 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         stream = self.plan.stream_of_worker(info.id if info else 0)
+        fallback = functools.cache(lambda: self.fallback_rows(stream))
         for raw in self.plan.raw_batches(stream):
-            yield train_batch(raw, self.image_size, self.context_length)
+            yield train_batch(raw, self.image_size, self.context_length, fallback)
+
+    def fallback_rows(self, stream: int) -> list[Row]:
+        """Stand-ins for a batch with no usable sample (e.g. inside a missing shard): the first
+        usable samples of the stream's part of the epoch. A pure function of the data, unlike
+        "the last good batch", so a resumed run pads exactly like the uninterrupted one."""
+        lo, hi = self.plan.stream_slice(stream)
+        skipped: Counter = Counter()
+        raw = read_positions(self.plan.stream_shards(stream), lo, hi)
+        rows = list(itertools.islice(decode_rows(raw, self.image_size, skipped), self.plan.batch_size))
+        if not rows:
+            raise ValueError(f"none of the {hi - lo} samples of loader stream {stream} is usable ({dict(skipped)})")
+        return rows
 
 
 class EvalStream(IterableDataset):
@@ -308,13 +333,17 @@ class TrainLoader:
     """One epoch of one rank. ``len()`` is steps_per_epoch; iteration yields the batches
     start_step .. steps_per_epoch - 1, i.e. ``len(loader) - start_step`` Batch objects."""
 
-    def __init__(self, dataset: TrainStream, num_workers: int, steps_per_epoch: int, start_step: int, dropped: int):
-        self.dataset, self.num_workers = dataset, num_workers
-        self.steps_per_epoch, self.start_step, self.dropped = steps_per_epoch, start_step, dropped
+    def __init__(self, dataset: TrainStream, num_workers: int, dropped: int):
+        self.dataset, self.num_workers, self.dropped = dataset, num_workers, dropped
+        self.plan = dataset.plan
         self._skipped: Counter = Counter()
 
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        return self.plan.num_batches
+
+    @property
+    def start_step(self) -> int:
+        return self.plan.start_batch
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -322,6 +351,8 @@ class TrainLoader:
         return dict(self._skipped)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.start_step >= len(self):
+            return
         for batch in iterate(self.dataset, self.num_workers):
             self._skipped.update(batch.skipped)
             yield batch
@@ -358,24 +389,35 @@ def build_train_loader(
     seed: int,
     epoch: int,
     start_step: int = 0,
+    accum_steps: int = 1,
 ) -> TrainLoader:
-    shards = shard_sample_counts(tuple(expand_urls(cfg.train_urls)))
-    total = sum(s.samples for s in shards)
-    global_batch = cfg.local_batch * world_size
-    steps = total // global_batch
+    """One epoch of one rank's batches (of data.local_batch rows), from batch ``start_step`` on.
+    Every rank gets the same number of batches, a multiple of ``accum_steps``."""
+    sources = train_sources(cfg)
+    shards = source_shards(sources)
+    total = sum(s.samples for group in shards for s in group)
+    per_epoch = total if cfg.mode == "exact" else cfg.samples_per_epoch or total
+    global_batch = cfg.local_batch * world_size * accum_steps
+    steps = per_epoch // global_batch * accum_steps
     if steps == 0:
         raise ValueError(
-            f"data.train_urls: {total} samples, fewer than one global batch "
-            f"(data.local_batch {cfg.local_batch} × {world_size} ranks = {global_batch})"
+            f"data: {per_epoch} samples per epoch, fewer than one global batch (data.local_batch "
+            f"{cfg.local_batch} × {world_size} ranks × {accum_steps} accumulation = {global_batch})"
         )
     if not 0 <= start_step <= steps:
-        raise ValueError(f"start_step {start_step} is outside [0, {steps}] (steps per epoch)")
-    dropped = total - steps * global_batch
-    if dropped and rank == 0:
-        # Same count every epoch (only which samples changes): say it where a run starts.
-        logger.log(logging.INFO if epoch == 0 or start_step else logging.DEBUG,"epoch %d: %d of %d samples left out (less than one global batch of %d)", epoch, dropped, total, global_batch)
+        raise ValueError(f"start_step {start_step} is outside [0, {steps}] (batches per epoch)")
+    dropped = per_epoch - steps * cfg.local_batch * world_size
+    if cfg.mode == "exact" and dropped and rank == 0:
+        # Same count every epoch, only which samples changes with the shard order: say it once.
+        logger.log(
+            logging.INFO if epoch == 0 or start_step else logging.DEBUG,
+            "epoch %d: %d of %d samples dropped (less than one global batch of %d); the shard order, and so "
+            "which samples, changes every epoch",
+            epoch, dropped, total, global_batch,
+        )
     plan = RankPlan(
-        shards=epoch_shard_order(shards, seed, epoch),
+        shards=epoch_shard_order([s for group in shards for s in group], seed, epoch) if cfg.mode == "exact" else (),
+        draws=ShardDraws(shards, tuple(s.weight for s in sources)) if cfg.mode == "resampled" else None,
         first_position=rank * steps * cfg.local_batch,
         num_samples=steps * cfg.local_batch,
         num_batches=steps,
@@ -383,9 +425,9 @@ def build_train_loader(
         start_batch=start_step,
         num_streams=max(1, cfg.num_workers),
         window_batches=max(1, cfg.shuffle_buffer // cfg.local_batch),
-        shuffle_seed=(seed, epoch, rank),
+        seed=(seed, epoch, rank),
     )
-    return TrainLoader(TrainStream(plan, image_size, context_length), cfg.num_workers, steps, start_step, dropped)
+    return TrainLoader(TrainStream(plan, image_size, context_length), cfg.num_workers, dropped)
 
 
 def build_eval_loader(
@@ -398,6 +440,7 @@ def build_eval_loader(
     base, extra = divmod(total, world_size)
     plan = RankPlan(
         shards=shards,
+        draws=None,
         first_position=rank * base + min(rank, extra),
         num_samples=base + (rank < extra),
         num_batches=-(-(base + (extra > 0)) // batch_size),
@@ -405,15 +448,30 @@ def build_eval_loader(
         start_batch=0,
         num_streams=max(1, num_workers),
         window_batches=1,
-        shuffle_seed=None,
+        seed=None,
     )
     return EvalLoader(EvalStream(plan, image_size), num_workers)
 
 
+def check_sources_readable(cfg: DataConfig, image_size: int) -> None:
+    """A source none of whose first shards yields a usable sample is a configuration mistake
+    (wrong path, wrong format), not bad data to count: say so before training starts."""
+    sources = train_sources(cfg)
+    for i, (source, group) in enumerate(zip(sources, source_shards(sources))):
+        samples, why = first_readable_samples(group)
+        skipped: Counter = Counter()
+        if samples and next(decode_rows(samples, image_size, skipped), None) is None:
+            why = f"{sample_key(samples[0])}: none of its first {len(samples)} samples is usable ({dict(skipped)})"
+            samples = []
+        if not samples:
+            raise ValueError(f"{source_key(cfg, i)} ({source.urls}): unreadable: {why}")
+
+
 def ensure_data(cfg: DataConfig) -> None:
-    """Write the digits shards when ``cfg.generate_digits`` is set and the train shards are
-    missing. Call it on one rank while the others wait."""
-    if not cfg.generate_digits or not missing_local_shards(cfg.train_urls):
+    """Write the digits shards when ``cfg.generate_digits`` is set and none of the train shards
+    exists (a few missing ones are bad data, counted by the loader). Call it on one rank while
+    the others wait."""
+    if not cfg.generate_digits or len(missing_local_shards(cfg.train_urls)) < len(expand_urls(cfg.train_urls)):
         return
     from clipdist.data.digits import ensure_digits_shards
 

@@ -1,5 +1,8 @@
-"""The shard index: ``{prefix}-index.json`` beside ``{prefix}-000000.tar`` ... lists every shard
-with its sample count, so loaders need not scan tars to plan an epoch."""
+"""Shard file names and the two JSON files beside the shards.
+
+``{prefix}-index.json`` lists every shard with its sample count, so loaders need not scan tars to
+plan an epoch; it is written last, so its presence marks a complete set. ``{prefix}-stats.json``
+is the shard writer's account (rows read, skips by reason, bytes) and its resume point."""
 
 from __future__ import annotations
 
@@ -21,8 +24,18 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
+def partial_shard_path(out_dir: str, name: str) -> str:
+    """Where a shard is written before it is complete: hidden, and not ``*.tar``, so neither a
+    brace pattern nor a glob can pick up a half-written tar."""
+    return os.path.join(out_dir, f".{name}.partial")
+
+
 def index_path(out_dir: str, prefix: str) -> str:
     return os.path.join(out_dir, f"{prefix}-index.json")
+
+
+def stats_path(out_dir: str, prefix: str) -> str:
+    return os.path.join(out_dir, f"{prefix}-stats.json")
 
 
 def url_pattern(out_dir: str, prefix: str, num_shards: int) -> str:
@@ -46,3 +59,11 @@ def read_index(out_dir: str, prefix: str) -> Optional[list[ShardInfo]]:
 def write_index(out_dir: str, prefix: str, shards: list[ShardInfo]) -> None:
     index = {"shards": [asdict(s) for s in shards], "total": sum(s.samples for s in shards)}
     write_text_atomically(index_path(out_dir, prefix), json.dumps(index, indent=1))
+
+
+def remove_index(out_dir: str, prefix: str) -> None:
+    """Withdraw the completeness mark before shards are rewritten."""
+    try:
+        os.remove(index_path(out_dir, prefix))
+    except FileNotFoundError:
+        pass
