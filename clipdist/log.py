@@ -63,8 +63,13 @@ class MetricLogger:
             self.run.log(metrics, step=step)
 
     def progress(self, step: int, max_steps: int, metrics: Dict[str, float]) -> None:
-        shown = "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())
-        log.info("step %*d/%d  %s", len(str(max_steps)), step, max_steps, shown)
+        """One console line: train/ and perf/ metrics, and the data/ counts as one number."""
+        shown = [f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if not k.startswith("data/")]
+        if "data/epoch" in metrics:
+            shown.append(f"epoch {metrics['data/epoch']:.0f}")
+        if "data/skipped/padded" in metrics:
+            shown.append(f"rows replaced {metrics['data/skipped/padded']:.0f}")
+        log.info("step %*d/%d  %s", len(str(max_steps)), step, max_steps, "  ".join(shown))
 
     def summary(self, values: Dict[str, Any]) -> None:
         if self.run is not None:

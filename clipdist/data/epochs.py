@@ -109,8 +109,18 @@ class TrainData:
         )
 
     def __iter__(self) -> Iterator[Batch]:
+        announced = False
         while True:
             self.loader = self.build_loader(self.epoch, self.next_batch)
+            if self.loader.dropped and self.rank == 0:
+                # The same count every epoch, only which samples changes: say it once per process.
+                logger.log(
+                    logging.DEBUG if announced else logging.INFO,
+                    "epoch %d: %d samples dropped, less than one global batch of %d (exact mode; which ones changes "
+                    "every epoch with the shard order)",
+                    self.epoch, self.loader.dropped, self.cfg.local_batch * self.world_size * self.accum_steps,
+                )
+                announced = True
             for batch in self.loader:
                 self.next_batch += 1
                 self.stats.add(batch)

@@ -30,7 +30,6 @@ same either way. Replacements are counted per reason (SKIP_REASONS) plus "padded
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import logging
 import os
@@ -55,7 +54,7 @@ from clipdist.data.sources import (
     source_shards,
 )
 from clipdist.data.sources import iter_shard
-from clipdist.data.transforms import clip_preprocess
+from clipdist.data.transforms import load_image
 
 __all__ = ["Batch", "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader", "ensure_data", "iter_shard",
            "shard_sample_counts"]  # the last two for shard readers
@@ -200,8 +199,7 @@ def decode_image(sample: dict, image_size: int) -> torch.Tensor:
     if data is None:
         raise BadSample("no_image")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return clip_preprocess(image, image_size)
+        return load_image(data, image_size)
     except DECODE_ERRORS as error:
         raise BadSample("bad_image") from error
 
@@ -406,15 +404,7 @@ def build_train_loader(
         )
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step {start_step} is outside [0, {steps}] (batches per epoch)")
-    dropped = per_epoch - steps * cfg.local_batch * world_size
-    if cfg.mode == "exact" and dropped and rank == 0:
-        # Same count every epoch, only which samples changes with the shard order: say it once.
-        logger.log(
-            logging.INFO if epoch == 0 or start_step else logging.DEBUG,
-            "epoch %d: %d of %d samples dropped (less than one global batch of %d); the shard order, and so "
-            "which samples, changes every epoch",
-            epoch, dropped, total, global_batch,
-        )
+    dropped = per_epoch - steps * cfg.local_batch * world_size if cfg.mode == "exact" else 0
     plan = RankPlan(
         shards=epoch_shard_order([s for group in shards for s in group], seed, epoch) if cfg.mode == "exact" else (),
         draws=ShardDraws(shards, tuple(s.weight for s in sources)) if cfg.mode == "resampled" else None,
