@@ -209,12 +209,7 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True) -> None:
     _require(cfg.model.text.context_length >= 2, "model.text.context_length", "must be at least 2 (SOT and EOT)")
     _require(cfg.data.local_batch >= 1, "data.local_batch", f"must be >= 1, got {cfg.data.local_batch}")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _require(
-        cfg.train.accum_steps == 1,
-        "train.accum_steps",
-        f"got {cfg.train.accum_steps}; only 1 is supported until exact contrastive accumulation (GradCache) lands, "
-        "because plain accumulation would shrink the negatives to one micro-batch",
-    )
+    _require(cfg.train.accum_steps >= 1, "train.accum_steps", f"must be >= 1, got {cfg.train.accum_steps}")
     _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
     _require(cfg.loss.impl in LOSS_IMPLS, "loss.impl", f"expected one of {list(LOSS_IMPLS)}, got {cfg.loss.impl!r}")
     _require(cfg.loss.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {cfg.loss.chunk_size}")

@@ -25,7 +25,7 @@ import torch
 from clipdist.config import Config, ConfigError, global_batch, load_config, validate
 from clipdist.data import TrainData, build_eval_loader, describe_counts, ensure_data
 from clipdist.distributed import DistEnv, DistEnvError, all_reduce_sum, barrier, destroy_distributed, init_distributed
-from clipdist.engine import Checkpointer, TrainState, build_engine, effective_precision, input_dtype
+from clipdist.engine import Checkpointer, TrainState, accumulation_groups, build_engine, effective_precision, input_dtype, train_step
 from clipdist.eval import build_classifier, zero_shot_eval
 from clipdist.fileio import write_text_atomically
 from clipdist.log import MetricLogger, setup_console_logging
@@ -154,14 +154,10 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
     meter = ThroughputMeter()
     metrics: Dict[str, float] = {}
     if state.step < cfg.train.max_steps:
-        for epoch, index, batch in train_batches(run.data):
-            images = batch.images.to(device, dtype, non_blocking=True)
-            texts = batch.tokens.to(device, non_blocking=True)
-
-            outputs = engine(images, texts)  # image_emb, text_emb, logit_scale[, logit_bias]
-            loss = run.loss_fn(*outputs)  # scores in float32 at least, whatever the tower dtype
-            engine.backward(loss)
-            engine.step()
+        for epoch, index, micro_batches in accumulation_groups(train_batches(run.data), cfg.train.accum_steps):
+            # One optimizer step over train.accum_steps micro-batches, whose loss spans all of them;
+            # outputs: image_emb, text_emb, logit_scale[, logit_bias]. index: the last micro-batch's.
+            loss, outputs = train_step(engine, run.loss_fn, micro_batches, device, dtype)
 
             state = TrainState(state.step + 1, epoch, index + 1, state.samples_seen + batch_size)
             meter.add(loss.detach(), batch_size)

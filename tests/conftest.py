@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Optional
+
+import pytest
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from clipdist.data.digits import ensure_digits_shards
 
 
 def free_port() -> int:
@@ -22,7 +30,10 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, result_dir: str, fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    # LOCAL_RANK too: DeepSpeed reads it, and torchrun sets it on one node.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # A spawned child inherits "spawn" as its default start method; a rank started by torchrun
     # or deepspeed (a fresh interpreter) has Linux's "fork". Match the real launch, so that
@@ -96,3 +107,34 @@ def _collect_results(processes: list, result_dir: str, deadline: float, timeout:
             raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(results))} still running after {timeout:.0f} s")
         time.sleep(0.05)
     return [value for _, value in (results[rank] for rank in range(world_size))]
+
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end runs of the real entry point
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    ensure_digits_shards(str(out))
+    return out
+
+
+def torchrun(run_dir: Path, digits: Path, *overrides: str, nproc: int = 2, experiment: str = "tiny") -> list[dict]:
+    """Run `torchrun -m clipdist.train +experiment=...` and return its metrics.jsonl rows."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "clipdist.train", f"+experiment={experiment}",
+        f"data.train_urls='{digits}/train-{{000000..000003}}.tar'",
+        f"eval.zero_shot_urls='{digits}/eval-{{000000..000001}}.tar'",
+        f"train.output_dir={run_dir}",
+        *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=540, env=env)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(rows: list[dict]) -> dict[int, float]:
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}

@@ -3,9 +3,8 @@
 import math
 
 import pytest
-import torch
 
-from clipdist.config import DeepSpeedConfig, ModelConfig, OptimConfig, TextConfig, VisionConfig
+from clipdist.config import DeepSpeedConfig, ModelConfig, TextConfig, VisionConfig
 from clipdist.engine import deepspeed_config, param_groups, warmup_cosine
 from clipdist.models import build_model
 

@@ -1,45 +1,13 @@
 """End-to-end runs of the real entry point: torchrun, 2 CPU ranks, gloo, DeepSpeed, digits shards."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import losses, torchrun
 from shard_helpers import write_faulty_shards
 
-from clipdist.data.digits import ensure_digits_shards
-
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    ensure_digits_shards(str(out))
-    return out
-
-
-def torchrun(run_dir: Path, digits: Path, *overrides: str, nproc: int = 2, experiment: str = "tiny") -> list[dict]:
-    """Run `torchrun -m clipdist.train +experiment=...` and return its metrics.jsonl rows."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "clipdist.train", f"+experiment={experiment}",
-        f"data.train_urls='{digits}/train-{{000000..000003}}.tar'",
-        f"eval.zero_shot_urls='{digits}/eval-{{000000..000001}}.tar'",
-        f"train.output_dir={run_dir}",
-        *overrides,
-    ]  # fmt: skip
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=540, env=env)
-    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(rows: list[dict]) -> dict[int, float]:
-    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 
 def test_zero_stages_give_the_same_losses(tmp_path, digits):

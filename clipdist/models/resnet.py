@@ -82,7 +82,7 @@ class AttentionPool2d(nn.Module):
 
 
 @contextlib.contextmanager
-def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
     """BatchNorm that leaves its running statistics alone. Checkpointing runs a block's forward
     twice; the recomputation must not move the running mean/var (or the batch count) again.
     Momentum 0 keeps the kernel and the tensors it saves for backward exactly as in the first
@@ -147,7 +147,7 @@ class ModifiedResNet(nn.Module):
     def _run_block(self, block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(
-                block, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _running_stats_frozen(block))
+                block, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), running_stats_frozen(block))
             )
         return block(x)
 
