@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import torch
+from _common import MEMORY_WORKER_ENV, describe_machine as describe_host, peak_rss_rise
 
 from clipdist.config import ModelConfig, load_config
 from clipdist.losses import clip_loss_reference
@@ -31,13 +31,6 @@ from clipdist.models import CLIP, build_model
 
 CASES = {"off": False, "on": True}
 MEASURES = ("time", "memory")
-
-# glibc raises its mmap threshold each time a large block is freed; from then on blocks of that
-# size come from the heap, whose freed pages stay resident, so RSS after the warm-up step would
-# hide the measured step's peak. A fixed threshold gives every large tensor its own mapping,
-# which free() returns, so RSS rises and falls with live tensors. It also adds page faults
-# that slow the step, which is why time and memory are measured in separate processes.
-MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def random_batch(cfg: ModelConfig, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +51,6 @@ def train_step(model: CLIP, images: torch.Tensor, tokens: torch.Tensor) -> None:
     clip_loss_reference(image_emb, text_emb, logit_scale_exp).backward()
 
 
-def read_status_bytes(field: str) -> int:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field} field")
-
-
 def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
     """Bytes that one step holds at its peak beyond what was allocated before it."""
     if device.type == "cuda":
@@ -75,11 +60,7 @@ def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - baseline
-    # Writing 5 resets VmHWM, the peak resident set, to the current RSS (Linux >= 4.0).
-    Path("/proc/self/clear_refs").write_text("5")
-    baseline = read_status_bytes("VmHWM")
-    step()
-    return read_status_bytes("VmHWM") - baseline
+    return peak_rss_rise(step)
 
 
 def timed(step: Callable[[], None], device: torch.device) -> float:
@@ -125,22 +106,10 @@ def spawn_worker(args: argparse.Namespace, case: str, measure: str) -> Dict[str,
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def describe_machine() -> Dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **describe_host(),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "memory_metric": "torch.cuda.max_memory_allocated" if cuda else "VmHWM (peak RSS)",
     }

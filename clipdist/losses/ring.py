@@ -20,6 +20,18 @@ _BLOCK_TAG = 0
 _GRAD_TAG = 1
 
 
+def exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, tag: int, group) -> list:
+    """Post a send to ``dst`` and a receive from ``src`` together; returns the works. Batched, so
+    that NCCL posts both at once: two separate calls queue on one stream, and at world size 2 both
+    ranks' sends would wait for receives queued behind them."""
+    return dist.batch_isend_irecv(
+        [
+            dist.P2POp(dist.isend, send, group=group, tag=tag, group_peer=dst),
+            dist.P2POp(dist.irecv, recv, group=group, tag=tag, group_peer=src),
+        ]
+    )
+
+
 class _RingPass:
     """Send ``tensor`` to the next rank and receive the previous rank's tensor, asynchronously."""
 
@@ -27,14 +39,7 @@ class _RingPass:
         world_size, rank = get_world_size(group), get_rank(group)
         self.sent = tensor.contiguous()  # must outlive the send
         self.received = torch.empty_like(self.sent)
-        # Batched, so that NCCL posts the send and the receive together: two separate calls queue
-        # on one stream, and at world size 2 both ranks' sends would wait for receives behind them.
-        self.works = dist.batch_isend_irecv(
-            [
-                dist.P2POp(dist.isend, self.sent, group=group, tag=tag, group_peer=(rank + 1) % world_size),
-                dist.P2POp(dist.irecv, self.received, group=group, tag=tag, group_peer=(rank - 1) % world_size),
-            ]
-        )
+        self.works = exchange(self.sent, (rank + 1) % world_size, self.received, (rank - 1) % world_size, tag, group)
 
     def wait(self) -> torch.Tensor:
         for work in self.works:
@@ -97,66 +102,119 @@ def check_pair(image_emb: torch.Tensor, text_emb: torch.Tensor, chunk_size: int)
         raise ValueError(f"loss.chunk_size must be >= 1, got {chunk_size}")
 
 
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    if get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
 class _RingClipLoss(torch.autograd.Function):
+    """Rank r scores only its own rows of the global logits, L[r, :] = scale · I_r @ T_allᵀ, one
+    [b, chunk] tile at a time as the text blocks travel the ring; each tile serves both directions:
+
+    * image → text: a row's log-sum-exp runs along the row, online over the tiles;
+    * text → image: column j's log-sum-exp runs down the column, over every rank's rows, so each
+      rank keeps per-column (max, sum-exp) partials for all B columns, combined by two all-reduces
+      of B floats.
+
+    The backward recomputes every tile once and applies both softmaxes to it: 4 passes of
+    [b, B, d] matrix products (the gathered loss does 6), and only text blocks travel. A tile's
+    column gradient belongs to the text block's owner and is sent straight home.
+    """
+
     @staticmethod
     def forward(ctx, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, group, chunk_size: int) -> torch.Tensor:
-        dtype = compute_dtype(image.dtype)
-        b = image.shape[0]
+        world_size, rank = get_world_size(group), get_rank(group)
+        dtype, b = compute_dtype(image.dtype), image.shape[0]
         scale = logit_scale.to(dtype).reshape(())
-        image_local, text_local = image.to(dtype), text.to(dtype)
-        # Online log-sum-exp over every column of the global batch, in both directions.
-        lse_image = image_local.new_full((b,), float("-inf"))
-        lse_text = image_local.new_full((b,), float("-inf"))
-        for _, block in ring_blocks(torch.stack([image, text]), group):
+        image_local = image.to(dtype)
+        lse_row = image_local.new_full((b,), float("-inf"))
+        column_max = image_local.new_empty((world_size, b))
+        column_sum = image_local.new_empty((world_size, b))
+        for owner, block in ring_blocks(text, group):
             for cols in column_tiles(b, chunk_size):
-                image_cols, text_cols = block[0, cols].to(dtype), block[1, cols].to(dtype)
-                lse_image = torch.logaddexp(lse_image, torch.logsumexp(scale * image_local @ text_cols.T, dim=1))
-                lse_text = torch.logaddexp(lse_text, torch.logsumexp(scale * text_local @ image_cols.T, dim=1))
-        positive = scale * (image_local * text_local).sum(dim=1)
-        ctx.save_for_backward(image, text, logit_scale, lse_image, lse_text)
+                tile = (image_local @ block[cols].to(dtype).T).mul_(scale)
+                tile_max = tile.amax(dim=0)
+                column_max[owner, cols] = tile_max
+                column_sum[owner, cols] = torch.exp(tile - tile_max).sum(dim=0)
+                row_max = tile.amax(dim=1, keepdim=True)
+                lse_row = torch.logaddexp(lse_row, row_max.squeeze(1) + tile.sub_(row_max).exp_().sum(dim=1).log_())
+        # Each column's log-sum-exp over every rank's rows: a common max, then the rescaled sums.
+        global_max = _all_reduce(column_max.clone(), dist.ReduceOp.MAX, group)
+        column_sum.mul_(torch.exp(column_max - global_max))
+        lse_column = global_max + _all_reduce(column_sum, dist.ReduceOp.SUM, group).log_()
+        positive = scale * torch.linalg.vecdot(image_local, text.to(dtype))
+        ctx.save_for_backward(image, text, logit_scale, lse_row, lse_column)
         ctx.group, ctx.chunk_size = group, chunk_size
-        # Mean over our rows of (CE_image_row + CE_text_row) / 2.
-        return (lse_image + lse_text - 2 * positive).sum() / (2 * b)
+        # Mean over our rows of (CE_image_row + CE_text_row) / 2; our text rows are our columns.
+        return (lse_row.sum() + lse_column[rank].sum() - 2 * positive.sum()) / (2 * b)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        image, text, logit_scale, lse_image, lse_text = ctx.saved_tensors
-        dtype, b = lse_image.dtype, image.shape[0]
+        image, text, logit_scale, lse_row, lse_column = ctx.saved_tensors
+        group, chunk_size = ctx.group, ctx.chunk_size
+        world_size, rank = get_world_size(group), get_rank(group)
+        dtype, b = lse_row.dtype, image.shape[0]
         scale = logit_scale.to(dtype).reshape(())
         image_local, text_local = image.to(dtype), text.to(dtype)
-        # d loss / d logit = coef_logit * (softmax - onehot); the embeddings see one more factor of scale.
-        coef_logit = grad_loss.to(dtype) / (2 * b)
-        coef_emb = coef_logit * scale
-        grad_image_rows = torch.zeros_like(image_local)
-        grad_text_rows = torch.zeros_like(text_local)
-        softmax_times_similarity = torch.zeros((), dtype=dtype, device=image.device)
-
-        def accumulate(owner: int, block: torch.Tensor, grad_block: torch.Tensor) -> None:
-            nonlocal softmax_times_similarity
-            for cols in column_tiles(b, ctx.chunk_size):
-                image_cols, text_cols = block[0, cols].to(dtype), block[1, cols].to(dtype)
-                similarity_image = image_local @ text_cols.T
-                similarity_text = text_local @ image_cols.T
-                softmax_image = torch.exp(scale * similarity_image - lse_image[:, None])
-                softmax_text = torch.exp(scale * similarity_text - lse_text[:, None])
-                grad_image_rows.add_(softmax_image @ text_cols)
-                grad_text_rows.add_(softmax_text @ image_cols)
-                # Scaled here, by our own grad_loss, because the owner applies nothing more.
-                grad_block[1, cols] += coef_emb * (softmax_image.T @ image_local)
-                grad_block[0, cols] += coef_emb * (softmax_text.T @ text_local)
-                softmax_times_similarity = softmax_times_similarity + (softmax_image * similarity_image).sum() + (softmax_text * similarity_text).sum()
-
-        grad_own = ring_reduce_grad(torch.stack([image, text]), accumulate, dtype, ctx.group)
+        # A column's softmax belongs to its owner's loss, so its upstream gradient is the owner's.
+        coef = _all_gather_scalars(grad_loss.to(dtype).reshape(1), group) / (2 * b)
+        grad_image = torch.zeros_like(image_local)
+        grad_text = torch.zeros_like(text_local)
+        row_dot = torch.zeros((), dtype=dtype, device=image.device)  # Σ P_row · similarity, our rows
+        column_dot = image_local.new_zeros(world_size)  # Σ P_column · similarity, by column owner
+        for step, (owner, block) in enumerate(ring_blocks(text, group)):
+            pending = None
+            for cols in column_tiles(b, chunk_size):
+                text_cols = block[cols].to(dtype)
+                similarity = image_local @ text_cols.T
+                p_row = similarity.mul(scale).sub_(lse_row[:, None]).exp_()
+                p_column = similarity.mul(scale).sub_(lse_column[owner, cols][None, :]).exp_()
+                row_dot = row_dot + torch.dot(p_row.view(-1), similarity.view(-1))
+                column_dot[owner] += torch.dot(p_column.view(-1), similarity.view(-1))
+                del similarity
+                # d Σ_q g_q L_q / d similarity = scale · (g_r P_row + g_owner P_column) / (2b)
+                p_row.mul_(coef[rank] * scale).add_(p_column.mul_(coef[owner] * scale))
+                del p_column
+                grad_image.addmm_(p_row, text_cols)
+                column_grad = p_row.T @ image_local
+                del p_row
+                if step == 0:
+                    grad_text[cols] += column_grad
+                    continue
+                received = torch.empty_like(column_grad)
+                works = exchange(column_grad, owner, received, (rank + step) % world_size, _GRAD_TAG, group)
+                if pending is not None:
+                    _add_received(pending, grad_text)
+                pending = (works, column_grad, received, cols)  # column_grad must outlive its send
+            if pending is not None:
+                _add_received(pending, grad_text)
         # The positives (the local diagonal) appear once as a row and once as a column.
-        grad_image = coef_emb * (grad_image_rows - 2 * text_local) + grad_own[0]
-        grad_text = coef_emb * (grad_text_rows - 2 * image_local) + grad_own[1]
-        grad_scale = coef_logit * (softmax_times_similarity - 2 * (image_local * text_local).sum())
+        grad_image.addcmul_(text_local, coef[rank] * scale, value=-2)
+        grad_text.addcmul_(image_local, coef[rank] * scale, value=-2)
+        column_dot = _all_reduce(column_dot, dist.ReduceOp.SUM, group)
+        grad_scale = coef[rank] * (row_dot + column_dot[rank] - 2 * torch.linalg.vecdot(image_local, text_local).sum())
         return grad_image.to(image.dtype), grad_text.to(text.dtype), grad_scale.reshape(logit_scale.shape).to(logit_scale.dtype), None, None
 
 
+def _all_gather_scalars(value: torch.Tensor, group) -> torch.Tensor:
+    if get_world_size(group) == 1:
+        return value
+    parts = [torch.empty_like(value) for _ in range(get_world_size(group))]
+    dist.all_gather(parts, value.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _add_received(pending: tuple, grad_text: torch.Tensor) -> None:
+    works, _, received, cols = pending
+    for work in works:
+        work.wait()
+    grad_text[cols] += received
+
+
 class RingClipLoss(nn.Module):
-    """CLIP loss over the global batch with GatherClipLoss's value and gradients (a drop-in), in
-    O(b * chunk_size) memory for the logits instead of O(b * B).
+    """CLIP loss over the global batch with GatherClipLoss's value and gradients (a drop-in),
+    never holding a [b, B] logit matrix or the [B, d] gathered embeddings: memory O(b · (d + chunk)).
 
     Rank r returns the mean over its b rows of (CE_image_row + CE_text_row) / 2, so the full-batch
     loss is the mean of the rank losses. Gradient convention, as GatherClipLoss: rank r's gradient
@@ -164,9 +222,9 @@ class RingClipLoss(nn.Module):
     the engine's rank average of parameter gradients turns into dL_full/de_r; the logit_scale
     gradient is rank r's own dL_r/dscale, whose rank average is dL_full/dscale.
 
-    Each of the world_size - 1 ring steps moves one rank's [2, b, d] embeddings (forward) or those
-    and their float32 gradient (backward) to the next rank, overlapped with scoring the current
-    block. Every rank must pass the same b.
+    Each of the world_size - 1 ring steps moves one rank's [b, d] text embeddings to the next
+    rank, overlapped with scoring the current block; in the backward, column gradients go home
+    tile by tile, overlapped with the next tile. Every rank must pass the same b.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, chunk_size: int = 4096) -> None:
