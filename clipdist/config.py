@@ -53,6 +53,9 @@ class ModelConfig:
     # SigLIP's learnable logit bias (its paper: -10, with init_logit_scale log 10); None for the
     # softmax CLIP loss, whose model has no bias.
     init_logit_bias: Optional[float] = None
+    # An OpenAI or OpenCLIP checkpoint file to start from (clipdist.models.load_pretrained); its
+    # architecture must be this config's.
+    pretrained: Optional[str] = None
 
 
 @dataclass
@@ -131,12 +134,34 @@ class TrainConfig:
 
 
 @dataclass
+class ZeroShotSetConfig:
+    """A labelled eval set (KEY.cls per sample), classified with prompts from its class names."""
+
+    name: str = ""  # metrics are eval/<name>/top1 ...
+    urls: str = ""  # brace pattern; several joined with '::'
+    # A list, or a file: .txt (one name per line) or .json (a list, or {"0": name} / {"0": [id, name]}
+    # like ImageNet's class index). Any: OmegaConf has no list-or-string type.
+    classnames: Any = None
+    # A list of prompts with '{}', or a built-in set: "imagenet80" (the CLIP paper's 80) or "short" (7).
+    templates: Any = "imagenet80"
+
+
+@dataclass
+class RetrievalSetConfig:
+    """A captioned eval set: KEY.txt holds an image's captions, one per line."""
+
+    name: str = ""  # metrics are eval/<name>/image_to_text_R@1 ...
+    urls: str = ""
+
+
+@dataclass
 class EvalConfig:
-    zero_shot_urls: Optional[str] = None
-    classnames: List[str] = field(default_factory=list)
-    templates: List[str] = field(default_factory=lambda: ["a photo of a {}."])
+    zero_shot: List[ZeroShotSetConfig] = field(default_factory=list)
+    retrieval: List[RetrievalSetConfig] = field(default_factory=list)
     every_steps: int = 0  # 0: only at the end
-    local_batch: int = 128
+    local_batch: int = 128  # images (and prompts) per forward
+    # Retrieval ranks queries against keys in [retrieval_chunk, retrieval_chunk] similarity tiles.
+    retrieval_chunk: int = 4096
 
 
 @dataclass
@@ -196,8 +221,9 @@ def missing_local_shards(pattern: str) -> List[str]:
     return [u for u in expand_urls(pattern) if is_local(u) and not glob.glob(u)]
 
 
-def validate(cfg: Config, world_size: int, *, check_data: bool = True) -> None:
-    """Check the values that no type system catches. Raises ConfigError naming the key."""
+def validate(cfg: Config, world_size: int, *, check_data: bool = True, training: bool = True) -> None:
+    """Check the values that no type system catches. Raises ConfigError naming the key.
+    ``training=False`` (python -m clipdist.evaluate) leaves out the training data and batch."""
     _require(cfg.model.vision.arch in ("vit", "resnet"), "model.vision.arch", f"expected 'vit' or 'resnet', got {cfg.model.vision.arch!r}")
     _require(cfg.model.vision.image_size > 0, "model.vision.image_size", "must be positive")
     if cfg.model.vision.arch == "vit":
@@ -207,6 +233,7 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True) -> None:
             f"{cfg.model.vision.patch_size} does not divide image_size {cfg.model.vision.image_size}",
         )
     _require(cfg.model.text.context_length >= 2, "model.text.context_length", "must be at least 2 (SOT and EOT)")
+    _require(not cfg.model.pretrained or Path(cfg.model.pretrained).is_file(), "model.pretrained", f"no such file: {cfg.model.pretrained}")
     _require(cfg.data.local_batch >= 1, "data.local_batch", f"must be >= 1, got {cfg.data.local_batch}")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.train.accum_steps >= 1, "train.accum_steps", f"must be >= 1, got {cfg.train.accum_steps}")
@@ -222,20 +249,40 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True) -> None:
     _require(cfg.deepspeed.precision in ("fp32", "bf16", "fp16"), "deepspeed.precision", f"expected fp32, bf16 or fp16, got {cfg.deepspeed.precision!r}")
     _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode", f"expected offline, online or disabled, got {cfg.logging.wandb_mode!r}")
     derived = global_batch(cfg, world_size)
-    if cfg.train.global_batch is not None:
+    if training and cfg.train.global_batch is not None:
         _require(
             cfg.train.global_batch == derived,
             "train.global_batch",
             f"{cfg.train.global_batch} != data.local_batch ({cfg.data.local_batch}) × world_size ({world_size}) "
             f"× train.accum_steps ({cfg.train.accum_steps}) = {derived}",
         )
-    validate_data(cfg.data, check_files=check_data and not cfg.data.generate_digits)
-    if cfg.eval.zero_shot_urls:
-        _require(bool(cfg.eval.classnames), "eval.classnames", "must list the class names when eval.zero_shot_urls is set")
-        _require(all("{}" in t for t in cfg.eval.templates), "eval.templates", "every template needs a '{}' placeholder")
-        if check_data and not cfg.data.generate_digits:
-            missing = missing_local_shards(cfg.eval.zero_shot_urls)
-            _require(not missing, "eval.zero_shot_urls", f"{len(missing)} shard(s) match no file, first: {missing[0] if missing else ''}")
+    if training:
+        validate_data(cfg.data, check_files=check_data and not cfg.data.generate_digits)
+    # The digits eval shards, like the train shards, are written on first use.
+    validate_eval(cfg.eval, check_files=check_data and not cfg.data.generate_digits)
+
+
+def validate_eval(cfg: EvalConfig, *, check_files: bool) -> None:
+    from clipdist.eval.sets import resolve_classnames, resolve_templates  # holds the template sets
+
+    _require(cfg.every_steps >= 0, "eval.every_steps", "must be >= 0")
+    _require(cfg.local_batch >= 1, "eval.local_batch", f"must be >= 1, got {cfg.local_batch}")
+    _require(cfg.retrieval_chunk >= 1, "eval.retrieval_chunk", f"must be >= 1, got {cfg.retrieval_chunk}")
+    for kind, sets in (("zero_shot", cfg.zero_shot), ("retrieval", cfg.retrieval)):
+        names = [s.name for s in sets]
+        _require(len(set(names)) == len(names), f"eval.{kind}", f"set names must differ, got {names}")
+        for i, eval_set in enumerate(sets):
+            key = f"eval.{kind}[{i}]"
+            valid_name = bool(eval_set.name) and not any(c in eval_set.name for c in "/ ")  # it becomes a metric path
+            _require(valid_name, f"{key}.name", f"must be a non-empty name without '/' or spaces, got {eval_set.name!r}")
+            _require(bool(eval_set.urls), f"{key}.urls", "is empty")
+            if check_files:
+                missing = missing_local_shards(eval_set.urls)
+                _require(not missing, f"{key}.urls", f"{len(missing)} shard(s) match no file, first: {missing[0] if missing else ''}")
+    for i, eval_set in enumerate(cfg.zero_shot):
+        resolve_templates(eval_set.templates, f"eval.zero_shot[{i}].templates")
+        if check_files or not isinstance(eval_set.classnames, str):  # a file is read when files are checked
+            resolve_classnames(eval_set.classnames, f"eval.zero_shot[{i}].classnames")
 
 
 def train_sources(cfg: DataConfig) -> List[SourceConfig]:

@@ -1,17 +1,32 @@
-"""Metrics: wandb (offline by default), a local metrics.jsonl, and progress lines — rank 0 only."""
+"""Metrics: wandb (offline by default), a local metrics.jsonl, run_info.json and progress lines — rank 0 only.
+
+Every row is plotted against ``train/samples_seen`` (wandb's x axis and the report's), so runs
+with different global batches compare on one axis. Nothing secret reaches wandb or the run
+directory: config values, the command line and the run info pass through ``redact`` first.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import subprocess
 import sys
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Optional
 
 from clipdist.config import LoggingConfig
+from clipdist.fileio import write_text_atomically
 
 log = logging.getLogger("clipdist")
+
+SAMPLES_SEEN = "train/samples_seen"
+REDACTED = "***"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the clipdist checkout, when it is one
 
 
 def setup_console_logging(rank: int) -> None:
@@ -26,45 +41,210 @@ def setup_console_logging(rank: int) -> None:
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+# ---------------------------------------------------------------------------------------------
+# Secrets
+
+# A name whose last word says it holds a credential: WANDB_API_KEY, AWS_SECRET_ACCESS_KEY,
+# AWS_ACCESS_KEY_ID, HF_TOKEN, DB_PASSWORD, X-Amz-Signature, Azure SAS `sig`. `record_keys` or
+# `monkey` do not match: the word must stand alone at the end of the name.
+_SECRET_NAME = re.compile(
+    r"(?:^|[_.\-])(?:key|key_?id|token|secret|password|passwd|credentials?|signature|sig|auth)$", re.IGNORECASE
+)
+# scheme://user:password@host — the whole user info goes, since a bare user part is often a token.
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@'\"]+@")
+# NAME=value (environment assignments in pipe: commands, URL query parameters, overrides).
+_ASSIGNMENT = re.compile(r"(?P<name>[A-Za-z0-9_.\-]+)(?P<sep>=)(?P<value>[^\s&'\"]+)")
+# --token VALUE, --password=VALUE, curl's -u user:password, and HTTP Authorization headers.
+_FLAG = re.compile(r"(?P<flag>--?[A-Za-z0-9\-]*(?:token|password|secret|api-?key)[ =]|--user[ =]|(?<!\S)-u (?=[^\s:'\"]+:))(?P<value>[^\s'\"]+)", re.IGNORECASE)
+_HEADER = re.compile(r"(?P<head>\bauthorization:\s*(?:[A-Za-z]+\s+)?|\bbearer\s+)(?P<value>[^\s'\"]+)", re.IGNORECASE)
+# Values of secret environment variables shorter than this are not searched for in text:
+# replacing every "1" or "true" would mangle the config and protect nothing.
+_MIN_ENV_SECRET_LENGTH = 8
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a config key or environment variable name says its value is a credential."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def _secret_env_values() -> list[str]:
+    values = {v for k, v in os.environ.items() if looks_secret(k) and len(v) >= _MIN_ENV_SECRET_LENGTH}
+    return sorted(values, key=len, reverse=True)  # longest first: one secret may contain another
+
+
+def redact(text: str) -> str:
+    """``text`` with URL credentials, NAME=value secrets, token flags and headers, and the values
+    of secret-looking environment variables (``${oc.env:HF_TOKEN}`` resolves into the config)
+    replaced by ``***``."""
+    for value in _secret_env_values():
+        text = text.replace(value, REDACTED)
+    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    text = _ASSIGNMENT.sub(lambda m: f"{m['name']}={REDACTED}" if looks_secret(m["name"]) else m[0], text)
+    text = _FLAG.sub(lambda m: f"{m['flag']}{REDACTED}", text)
+    return _HEADER.sub(lambda m: f"{m['head']}{REDACTED}", text)
+
+
+def redact_config(value: Any, name: str = "") -> Any:
+    """A copy of a (nested) config with secrets redacted: whole values under secret-looking keys,
+    and the secret parts of every string."""
+    if isinstance(value, dict):
+        return {k: redact_config(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_config(v, name) for v in value]
+    if looks_secret(name) and value not in (None, ""):
+        return REDACTED
+    return redact(value) if isinstance(value, str) else value
+
+
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    """wandb records sys.argv (our Hydra overrides) in the run's metadata when it starts."""
+    original = sys.argv
+    sys.argv = [redact(arg) for arg in original]
+    try:
+        yield
+    finally:
+        sys.argv = original
+
+
+# ---------------------------------------------------------------------------------------------
+# Run info
+
+
+def git_state(root: Path = PACKAGE_ROOT) -> Optional[Dict[str, Any]]:
+    """Commit and dirty flag (tracked files changed) of the git checkout at ``root``; None when
+    ``root`` is not the top of a checkout (an installed package) or git is absent."""
+
+    def git(*args: str) -> str:
+        command = ["git", "--no-optional-locks", "-C", str(root), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        # A site-packages inside some other repository is not a clipdist checkout.
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return None
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    versions: Dict[str, Optional[str]] = {"python": sys.version.split()[0]}
+    for package in ("clipdist", "torch", "deepspeed", "wandb"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def launch_info(world_size: int, resumed_from: Optional[str]) -> Dict[str, Any]:
+    """What identifies this launch beside its config: code version, world size, command line."""
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "world_size": world_size,
+        "git": git_state(),
+        "resumed_from": resumed_from,
+        "argv": [redact(arg) for arg in sys.argv],
+        "versions": _versions(),
+    }
+
+
+def write_run_info(run_dir: Path, info: Dict[str, Any], config: Dict[str, Any], resuming: bool) -> None:
+    """<run>/run_info.json: this launch and its redacted config; a resumed run keeps the earlier
+    launches (perhaps of other commits) under "previous_launches"."""
+    path = run_dir / "run_info.json"
+    previous: list = []
+    if resuming and path.exists():
+        with contextlib.suppress(ValueError, OSError):
+            earlier = json.loads(path.read_text())
+            previous = earlier.pop("previous_launches", []) + [earlier]
+    content = {**info, "config": config, "previous_launches": previous}
+    write_text_atomically(path, json.dumps(content, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The logger
+
+
 class MetricLogger:
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: Dict[str, Any], rank: int, resuming: bool = False):
+    def __init__(
+        self,
+        cfg: LoggingConfig,
+        run_dir: Path,
+        config: Dict[str, Any],
+        rank: int,
+        resuming: bool = False,
+        world_size: int = 1,
+        resumed_from: Optional[str] = None,
+    ):
         self.cfg = cfg
         self.enabled = rank == 0
         self.run = None
         self.metrics_file = None
+        self.samples_seen: Optional[int] = None
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        safe_config = redact_config(config)
+        info = launch_info(world_size, redacted_or_none(resumed_from))
+        write_run_info(run_dir, info, safe_config, resuming)
         # A resumed run continues the metrics of the run it resumes; a new run starts them afresh.
         self.metrics_file = open(run_dir / "metrics.jsonl", "a" if resuming else "w")
         if cfg.wandb_mode != "disabled":
-            self.run = self._start_wandb(run_dir, config)
+            run_info = {k: info[k] for k in ("world_size", "git", "versions", "resumed_from")}
+            self.run = self._start_wandb(run_dir, {**safe_config, "run_info": run_info})
 
     def _start_wandb(self, run_dir: Path, config: Dict[str, Any]):
         import wandb
 
         # Keep wandb quiet on the console; its files still land in run_dir/wandb.
         os.environ.setdefault("WANDB_SILENT", "true")
-        return wandb.init(
-            project=self.cfg.project,
-            name=self.cfg.run_name,
-            mode=self.cfg.wandb_mode,
-            dir=str(run_dir),
-            config=config,
-            reinit=True,
+        settings = wandb.Settings(
+            # Our run_info holds the commit; wandb's git capture would also record the remote
+            # URL, which in CI checkouts often embeds a token.
+            disable_git=True,
+            # No copy of stdout/stderr: error messages quote shard URLs and commands verbatim.
+            # The job's own log (torchrun's console, Slurm's output file) has every line.
+            console="off",
         )
+        with redacted_argv():
+            run = wandb.init(
+                project=redact(self.cfg.project),
+                name=redact(self.cfg.run_name),
+                mode=self.cfg.wandb_mode,
+                dir=str(run_dir),
+                config=config,
+                settings=settings,
+                reinit="finish_previous",
+            )
+        # Dashboards plot every metric against samples seen, not wandb's internal step.
+        run.define_metric(SAMPLES_SEEN)
+        run.define_metric("*", step_metric=SAMPLES_SEEN)
+        return run
 
-    def log(self, metrics: Dict[str, float], step: int) -> None:
-        if not self.enabled:
+    def log(self, metrics: Dict[str, float], step: int, samples_seen: Optional[int] = None) -> None:
+        """One row at optimizer step ``step``. Every row carries train/samples_seen: given here,
+        in ``metrics``, or (eval rows) the last value logged."""
+        if not self.enabled or not metrics:
             return
-        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        row = {**metrics, SAMPLES_SEEN: self._samples_seen_for(metrics, samples_seen, step)}
+        self.metrics_file.write(json.dumps({"step": step, **row}) + "\n")
         self.metrics_file.flush()
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self.run.log(row, step=step)
+
+    def _samples_seen_for(self, metrics: Dict[str, float], samples_seen: Optional[int], step: int) -> int:
+        if samples_seen is None:
+            samples_seen = metrics.get(SAMPLES_SEEN, self.samples_seen)
+        if samples_seen is None:
+            raise ValueError(f"MetricLogger.log: step {step}: no {SAMPLES_SEEN} logged yet; pass samples_seen")
+        self.samples_seen = int(samples_seen)
+        return self.samples_seen
 
     def progress(self, step: int, max_steps: int, metrics: Dict[str, float]) -> None:
         """One console line: train/ and perf/ metrics, and the data/ counts as one number."""
-        shown = [f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if not k.startswith("data/")]
+        shown = [f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if not k.startswith("data/") and k != SAMPLES_SEEN]
         if "data/epoch" in metrics:
             shown.append(f"epoch {metrics['data/epoch']:.0f}")
         if "data/skipped/padded" in metrics:
@@ -73,7 +253,7 @@ class MetricLogger:
 
     def summary(self, values: Dict[str, Any]) -> None:
         if self.run is not None:
-            for key, value in values.items():
+            for key, value in redact_config(values).items():
                 self.run.summary[key] = value
 
     def close(self) -> None:
@@ -81,3 +261,7 @@ class MetricLogger:
             self.metrics_file.close()
         if self.run is not None:
             self.run.finish()
+
+
+def redacted_or_none(text: Optional[str]) -> Optional[str]:
+    return None if text is None else redact(text)

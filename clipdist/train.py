@@ -23,14 +23,14 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from clipdist.config import Config, ConfigError, global_batch, load_config, validate
-from clipdist.data import TrainData, build_eval_loader, describe_counts, ensure_data
+from clipdist.data import TrainData, describe_counts, ensure_data
 from clipdist.distributed import DistEnv, DistEnvError, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from clipdist.engine import Checkpointer, TrainState, accumulation_groups, build_engine, effective_precision, input_dtype, train_step
-from clipdist.eval import build_classifier, zero_shot_eval
+from clipdist.eval import EvalShape, run_evals, summary_fields
 from clipdist.fileio import write_text_atomically
 from clipdist.log import MetricLogger, setup_console_logging
 from clipdist.losses import build_loss
-from clipdist.models import build_model, tokenize
+from clipdist.models import build_model, load_pretrained
 
 log = logging.getLogger("clipdist")
 
@@ -82,6 +82,8 @@ def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Com
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     prepare_shards(cfg, env)
     model = build_model(cfg.model)
+    if cfg.model.pretrained:
+        load_pretrained(model, cfg.model.pretrained)  # before DeepSpeed: every rank loads the full weights
     num_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     engine = build_engine(
         model,
@@ -119,7 +121,9 @@ def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Com
         loss_fn=build_loss(cfg.loss),
         data=data,
         checkpointer=Checkpointer(run_dir / "checkpoints", env.rank),
-        logger=MetricLogger(cfg.logging, run_dir, resolved, env.rank, resuming=bool(cfg.train.resume)),
+        logger=MetricLogger(
+            cfg.logging, run_dir, resolved, env.rank, resuming=bool(cfg.train.resume), world_size=env.world_size, resumed_from=cfg.train.resume
+        ),
         device=device,
     )
 
@@ -171,14 +175,14 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
                 if last_step:
                     break
                 if due(state.step, cfg.eval.every_steps):
-                    run.logger.log(evaluate(cfg, env, engine, device), state.step)
+                    run.logger.log(evaluate(cfg, env, engine, device), state.step, state.samples_seen)
                 if due(state.step, cfg.train.checkpoint_every):
                     run.checkpointer.save(engine, state, run.data.state_dict())
         run.checkpointer.save(engine, state, run.data.state_dict())
     else:
         log.info("nothing to train: resumed at step %d of train.max_steps=%d", state.step, cfg.train.max_steps)
     eval_metrics = evaluate(cfg, env, engine, device)
-    run.logger.log(eval_metrics, state.step)
+    run.logger.log(eval_metrics, state.step, state.samples_seen)
     data_metrics = run.data.stats.global_metrics(all_reduce_sum)
     log.info("data: %s", describe_counts(data_metrics))
     summary = summarize(cfg, env, state, metrics, eval_metrics, meter)
@@ -232,30 +236,10 @@ class ThroughputMeter:
 
 
 def evaluate(cfg: Config, env: DistEnv, engine, device: torch.device) -> Dict[str, float]:
-    """Zero-shot top-1/top-5 with images sharded over all ranks (never rank 0 alone)."""
-    if not cfg.eval.zero_shot_urls:
-        return {}
-    model = engine.module  # its dtype is the training dtype; zero_shot_eval casts inputs to it
-    started = time.perf_counter()
-    classifier = build_classifier(
-        model, tokenize, cfg.eval.classnames, cfg.eval.templates, device, context_length=cfg.model.text.context_length
-    )
-    loader = build_eval_loader(
-        cfg.eval.zero_shot_urls,
-        image_size=cfg.model.vision.image_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        batch_size=cfg.eval.local_batch,
-    )
-    result = zero_shot_eval(model, loader, classifier, device)
-    log.info(
-        "zero-shot: top-1 %.2f%%  top-5 %.2f%%  on %d images (%.1f s)",
-        100 * result["top1"],
-        100 * result["top5"],
-        result["count"],
-        time.perf_counter() - started,
-    )
-    return {"eval/zero_shot_top1": result["top1"], "eval/zero_shot_top5": result["top5"], "eval/zero_shot_count": result["count"]}
+    """Every eval set (zero-shot, retrieval) with images sharded over all ranks (never rank 0 alone)."""
+    # engine.module's dtype is the training dtype; the evaluations cast their inputs to it.
+    shape = EvalShape(cfg.model.vision.image_size, cfg.model.text.context_length, env.rank, env.world_size, device)
+    return run_evals(cfg.eval, engine.module, shape).metrics
 
 
 def summarize(cfg, env, state, train_metrics, eval_metrics, meter: ThroughputMeter) -> Dict[str, Any]:
@@ -268,9 +252,8 @@ def summarize(cfg, env, state, train_metrics, eval_metrics, meter: ThroughputMet
         "train_seconds": round(meter.train_seconds, 3),
         "samples_per_second": meter.train_samples / meter.train_seconds if meter.train_samples else None,
         "final_loss": train_metrics.get("train/loss"),
-        "zero_shot_top1": eval_metrics.get("eval/zero_shot_top1"),
-        "zero_shot_top5": eval_metrics.get("eval/zero_shot_top5"),
-        "zero_shot_count": eval_metrics.get("eval/zero_shot_count"),
+        **summary_fields(cfg.eval, eval_metrics),  # zero_shot_top1/top5/count: the first zero-shot set's
+        "eval": eval_metrics,
         "train_state": asdict(state),
     }
 

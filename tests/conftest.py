@@ -126,7 +126,8 @@ def torchrun(run_dir: Path, digits: Path, *overrides: str, nproc: int = 2, exper
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "clipdist.train", f"+experiment={experiment}",
         f"data.train_urls='{digits}/train-{{000000..000003}}.tar'",
-        f"eval.zero_shot_urls='{digits}/eval-{{000000..000001}}.tar'",
+        f"eval.zero_shot.0.urls='{digits}/eval-{{000000..000001}}.tar'",
+        f"eval.retrieval.0.urls='{digits}/eval-{{000000..000001}}.tar'",
         f"train.output_dir={run_dir}",
         *overrides,
     ]  # fmt: skip

@@ -76,3 +76,29 @@ def test_cli_prints_one_line_and_exits_2():
 def test_unquoted_brace_pattern_explains_the_quoting():
     message = config_error(["data.train_urls=shards/{000..003}.tar"])
     assert "quote values with braces" in message
+
+
+def test_eval_set_errors_name_the_key(tmp_path):
+    assert config_error(["eval.zero_shot.0.templates=imagenet81"]).startswith("eval.zero_shot[0].templates: unknown template set 'imagenet81'")
+    assert config_error(["eval.zero_shot.0.templates=[a photo]"]).startswith("eval.zero_shot[0].templates[0]: every template needs a '{}'")
+    assert config_error(["eval.retrieval.0.name=my/set"]).startswith("eval.retrieval[0].name:")
+    twice = "eval.zero_shot=[{name: a, urls: x.tar, classnames: [c]}, {name: a, urls: y.tar, classnames: [d]}]"
+    assert config_error([twice]).startswith("eval.zero_shot: set names must differ")
+    train = tmp_path / "train-0.tar"
+    train.touch()
+    missing = tmp_path / "coco-{0..1}.tar"
+    message = config_error(["data=webdataset", f"data.train_urls='{train}'", f"eval.retrieval=[{{name: coco, urls: '{missing}'}}]"])
+    assert message.startswith("eval.retrieval[0].urls: 2 shard(s) match no file") and "coco-0.tar" in message
+    names = tmp_path / "names.txt"
+    message = config_error(["data=webdataset", f"data.train_urls='{train}'", f"eval.zero_shot=[{{name: s, urls: '{train}', classnames: '{names}'}}]"])
+    assert message == f"eval.zero_shot[0].classnames: no file {names}"
+
+
+def test_eval_sets_compose_from_yaml_and_overrides(tmp_path):
+    cfg, _ = load_config(["+experiment=digits", "eval.zero_shot.0.templates=short", f"eval.retrieval.0.urls='{tmp_path}/e.tar'"])
+    validate(cfg, 2, check_data=False)
+    (zero_shot,), (retrieval,) = cfg.eval.zero_shot, cfg.eval.retrieval
+    assert (zero_shot.name, zero_shot.templates, len(zero_shot.classnames)) == ("digits", "short", 10)
+    assert (retrieval.name, retrieval.urls) == ("digits", f"{tmp_path}/e.tar")
+    cfg, _ = load_config(["+experiment=vitb32"])
+    assert cfg.eval.zero_shot == [] and cfg.eval.retrieval == []

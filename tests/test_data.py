@@ -116,9 +116,9 @@ def test_digits_shards(digits_dir):
     assert image.mode == "RGB" and image.size == (32, 32)
 
     train_captions = {train_caption(label, t) for label in range(10) for t in range(len(TRAIN_TEMPLATES))}
-    eval_cfg = load_config(["data=digits"])[0].eval
-    assert eval_cfg.classnames == DIGIT_CLASSNAMES
-    prompts = {template.format(name) for template in eval_cfg.templates for name in eval_cfg.classnames}
+    (zero_shot,) = load_config(["data=digits"])[0].eval.zero_shot
+    assert zero_shot.classnames == DIGIT_CLASSNAMES
+    prompts = {template.format(name) for template in zero_shot.templates for name in zero_shot.classnames}
     assert not train_captions & prompts, "eval prompts must not occur as training captions"
     first_shard = [s["txt"].decode() for s in iter_shard(os.path.join(digits_dir, train[0].url))]
     assert set(first_shard) <= train_captions and len(set(first_shard)) > 20

@@ -227,7 +227,7 @@ def test_torchrun_with_accumulation_trains_like_the_big_batch(tmp_path, digits):
     data.local_batch=8 sees the same 16 rows per rank and step as data.local_batch=16 without
     accumulation, so its first 3 losses must match to 1e-5 (plain accumulation would score 8 rows
     per rank against 16 negatives instead of 32: a different loss from step 1)."""
-    common = ["train.max_steps=3", "eval.zero_shot_urls=null"]
+    common = ["train.max_steps=3", "eval.zero_shot=[]", "eval.retrieval=[]"]
     accumulated = torchrun(tmp_path / "accum2", digits, *common, "train.accum_steps=2", "data.local_batch=8")
     big = losses(torchrun(tmp_path / "big", digits, *common, "data.local_batch=16"))
     assert [row["train/global_batch"] for row in accumulated if "train/loss" in row] == [32.0] * 3

@@ -458,10 +458,10 @@ def check_sources_readable(cfg: DataConfig, image_size: int) -> None:
 
 
 def ensure_data(cfg: DataConfig) -> None:
-    """Write the digits shards when ``cfg.generate_digits`` is set and none of the train shards
-    exists (a few missing ones are bad data, counted by the loader). Call it on one rank while
-    the others wait."""
-    if not cfg.generate_digits or len(missing_local_shards(cfg.train_urls)) < len(expand_urls(cfg.train_urls)):
+    """With ``cfg.generate_digits``, write the digits shards into the folder of the train shards
+    unless they are there and current (ensure_digits_shards checks its version file). Call it on
+    one rank while the others wait."""
+    if not cfg.generate_digits:
         return
     from clipdist.data.digits import ensure_digits_shards
 

@@ -1,63 +1,55 @@
 """Zero-shot classification: class embeddings from prompt templates, then top-k accuracy.
 
-Every rank runs the same forwards (all class prompts, the same number of eval batches), which
-ZeRO-3 needs because each forward gathers partitioned parameters collectively.
+The class names are split over the ranks: each embeds the prompts of its share of the classes
+and an all-gather gives every rank the same classifier. The images are split over the ranks
+by the loader and the counts all-reduced at the end, so no rank idles while another works.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clipdist.distributed import all_reduce_sum
+from clipdist.distributed import all_reduce_sum, get_rank, get_world_size
+from clipdist.eval.embed import Tokenizer, all_gather_rows, embed_texts, eval_mode, input_dtype
 
 # Label of padding rows, which pad a rank's last batch so that every rank sees the same
 # number of batches.
 PAD_LABEL = -1
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _input_dtype(model: nn.Module) -> torch.dtype:
-    # DeepSpeed's bf16/fp16 engines hold the module in that dtype, so inputs must match.
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+def class_share(num_classes: int, rank: int, world_size: int) -> range:
+    """The contiguous classes one rank embeds; the shares differ by at most one class."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
 
 
 @torch.no_grad()
 def build_classifier(
     model: nn.Module,
-    tokenizer_fn: Callable[[list[str], int], torch.Tensor],
+    tokenizer_fn: Tokenizer,
     classnames: list[str],
     templates: list[str],
     device: torch.device | str,
     context_length: int = 77,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """[d, C]: per class, the renormalised mean of its normalised template embeddings."""
+    """[d, C] on every rank: per class, the renormalised mean of its normalised template
+    embeddings. Collective when a process group exists."""
     if not classnames or not templates:
         raise ValueError(f"zero-shot classifier needs class names and templates, got {len(classnames)} and {len(templates)}")
-    prompts = [template.format(name) for name in classnames for template in templates]
-    with _eval_mode(model):
-        embeddings = torch.cat(
-            [
-                model.encode_text(tokenizer_fn(prompts[i : i + batch_size], context_length).to(device), normalize=True)
-                for i in range(0, len(prompts), batch_size)
-            ]
-        )
-    per_class = embeddings.float().reshape(len(classnames), len(templates), -1).mean(dim=1)
-    return F.normalize(per_class, dim=-1).T.contiguous()
+    share = class_share(len(classnames), get_rank(), get_world_size())
+    prompts = [template.format(classnames[c]) for c in share for template in templates]
+    embeddings = embed_texts(
+        model, tokenizer_fn, prompts, device, context_length, batch_size, filler=templates[0].format(classnames[0])
+    )
+    per_class = F.normalize(embeddings.reshape(len(share), len(templates), embeddings.shape[-1]).mean(dim=1), dim=-1)
+    classifier, _ = all_gather_rows(per_class)
+    return classifier.T.contiguous()
 
 
 @torch.no_grad()
@@ -67,31 +59,47 @@ def zero_shot_eval(
     classifier: torch.Tensor,
     device: torch.device | str,
     topk: Sequence[int] = (1, 5),
-) -> dict[str, float | int]:
-    """Top-k accuracy over all ranks' (images, labels) batches; rows labelled -1 are padding.
+) -> dict:
+    """Top-k and per-class top-1 accuracy over all ranks' (images, labels) batches; rows
+    labelled -1 are padding.
 
-    The loader must yield the same number of batches on every rank: the result is reduced
-    with one all_reduce at the end. Returns {"top1": ..., "top5": ..., "count": ...}.
+    The loader must yield the same number of batches on every rank: the counts are reduced with
+    one all_reduce at the end. Returns {"top1": ..., "top5": ..., "count": ..., "per_class_top1":
+    mean over the classes that have images, "per_class": [top-1 per class, None without images]}.
     """
     num_classes = classifier.shape[1]
     classifier = classifier.to(device=device, dtype=torch.float32)
-    dtype = _input_dtype(model)
-    # [correct@k for each k..., count], accumulated on the device so batches don't sync.
-    totals = torch.zeros(len(topk) + 1, dtype=torch.long, device=device)
-    with _eval_mode(model):
+    dtype = input_dtype(model)
+    # [correct@k for each k..., count, labels outside the classes, correct@1 per class...,
+    # images per class...], on the device so batches don't sync.
+    head = len(topk) + 2
+    totals = torch.zeros(head + 2 * num_classes, dtype=torch.long, device=device)
+    class_correct, class_count = totals[head:].view(2, num_classes)
+    with eval_mode(model):
         for images, labels in loader:
             labels = labels.to(device)
             features = model.encode_image(images.to(device=device, dtype=dtype), normalize=True)
             logits = features.float() @ classifier
             ranked = logits.topk(min(max(topk), num_classes), dim=1).indices
-            hits = (ranked == labels[:, None])[labels != PAD_LABEL]
+            known = (labels >= 0) & (labels < num_classes)
+            totals[len(topk) + 1] += ((labels != PAD_LABEL) & ~known).sum()
+            hits, labels = (ranked == labels[:, None])[known], labels[known]
             for i, k in enumerate(topk):
                 totals[i] += hits[:, :k].any(dim=1).sum()
-            totals[-1] += hits.shape[0]
+            totals[len(topk)] += hits.shape[0]
+            class_correct.index_add_(0, labels, hits[:, 0].long())
+            class_count.index_add_(0, labels, torch.ones_like(labels))
     counts = all_reduce_sum(totals).tolist()
-    count = counts[-1]
+    count, unknown = counts[len(topk)], counts[len(topk) + 1]
+    if unknown:
+        raise ValueError(f"{unknown} eval image(s) have a label outside 0..{num_classes - 1}, the {num_classes} class names")
     if count == 0:
         raise ValueError("zero-shot loader yielded no labelled rows on any rank")
-    results: dict[str, float | int] = {f"top{k}": correct / count for k, correct in zip(topk, counts)}
+    results: dict = {f"top{k}": correct / count for k, correct in zip(topk, counts)}
     results["count"] = count
+    correct_per_class, images_per_class = counts[head : head + num_classes], counts[head + num_classes :]
+    per_class = [c / n if n else None for c, n in zip(correct_per_class, images_per_class)]
+    present = [acc for acc in per_class if acc is not None]
+    results["per_class_top1"] = sum(present) / len(present)
+    results["per_class"] = per_class
     return results

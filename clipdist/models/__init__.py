@@ -2,6 +2,7 @@
 
 from clipdist.config import ModelConfig
 from clipdist.models.clip import CLIP, load_openai_state_dict
+from clipdist.models.pretrained import load_pretrained
 from clipdist.models.tokenizer import SimpleTokenizer, tokenize
 
 
@@ -9,4 +10,4 @@ def build_model(cfg: ModelConfig) -> CLIP:
     return CLIP(cfg)
 
 
-__all__ = ["CLIP", "SimpleTokenizer", "build_model", "load_openai_state_dict", "tokenize"]
+__all__ = ["CLIP", "SimpleTokenizer", "build_model", "load_openai_state_dict", "load_pretrained", "tokenize"]

@@ -3,7 +3,7 @@ space, plus the learned temperature of the contrastive loss."""
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Set, Tuple
+from typing import Dict, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,26 +76,68 @@ class CLIP(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-# Keys in OpenAI's released (TorchScript) state dicts that hold hyperparameters, not weights.
-_OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Entries of OpenAI's released (TorchScript) and open_clip's state dicts that are not weights:
+# hyperparameters, and the causal mask, which our text tower builds on the fly.
+_NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "attn_mask", "text.attn_mask")
+# Top-level scalars: 0-dim in OpenAI's and open_clip's models, shape (1,) in ours (see CLIP).
+_SCALARS = ("logit_scale", "logit_bias")
 
 
 def openai_key(key: str) -> str:
     """OpenAI / open_clip parameter name -> ours. The image tower matches as is; the text tower
-    sits at the top level in theirs and under ``text.`` in ours."""
-    if key.startswith("visual.") or key == "logit_scale":
+    sits at the top level in OpenAI's and open_clip's ``CLIP`` and under ``text.`` in ours (and
+    in open_clip's ``CustomTextCLIP``, whose names are ours already)."""
+    if key.startswith(("visual.", "text.")) or key in _SCALARS:
         return key
     return f"text.{key}"
 
 
+def to_openai_key(key: str) -> str:
+    """Ours -> OpenAI / open_clip ``CLIP`` parameter name (the inverse of ``openai_key``)."""
+    return key.removeprefix("text.")
+
+
+def openai_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our state dict in OpenAI's / open_clip's layout, with their 0-dim scalars."""
+    return {to_openai_key(k): v.reshape(()) if k in _SCALARS else v for k, v in state_dict.items()}
+
+
+def from_openai_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """OpenAI's / open_clip's (``CLIP`` or ``CustomTextCLIP``) state dict in our layout."""
+    return {
+        openai_key(k): v.reshape(1) if k in _SCALARS else v for k, v in state_dict.items() if k not in _NOT_WEIGHTS
+    }
+
+
+def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The first difference between ``state_dict`` and what ``model`` holds, in one line (named
+    by our key, with how many more there are), or None when every key and shape matches."""
+    expected = model.state_dict()
+    # Shapes first: a wrong width or context length is the likeliest mistake, and names it best.
+    problems = [
+        f"shape of {k}: checkpoint {list(state_dict[k].shape)}, model {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    problems += [f"missing {k} (shape {list(v.shape)})" for k, v in expected.items() if k not in state_dict]
+    problems += [f"unexpected {k} (shape {list(v.shape)})" for k, v in state_dict.items() if k not in expected]
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0] + more
+
+
 def load_openai_state_dict(model: CLIP, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load weights saved by OpenAI's CLIP or open_clip into ``model`` (strict: every
-    parameter and buffer must be present and match in shape)."""
-    mapped: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key in _OPENAI_METADATA_KEYS:
-            continue
-        if key == "logit_scale":
-            value = value.reshape(1)  # theirs is 0-dim
-        mapped[openai_key(key)] = value
+    """Load weights saved by OpenAI's CLIP or open_clip into ``model``. Every parameter and
+    buffer must be present and match in shape; otherwise ValueError names the first that does
+    not. A SigLIP model keeps its configured bias when the checkpoint has none (a softmax-CLIP
+    starting point), and a softmax model ignores a checkpoint's bias (its loss has none)."""
+    mapped = from_openai_state_dict(state_dict)
+    if model.logit_bias is None:
+        mapped.pop("logit_bias", None)
+    elif "logit_bias" not in mapped:
+        mapped["logit_bias"] = model.logit_bias.detach().clone()
+    problem = state_dict_mismatch(model, mapped)
+    if problem:
+        raise ValueError(f"state dict does not fit the model: {problem}")
     model.load_state_dict(mapped, strict=True)
