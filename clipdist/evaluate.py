@@ -21,13 +21,13 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from clipdist.config import Config, ConfigError, load_config, validate
+from clipdist.cli import start
+from clipdist.config import Config, ConfigError
 from clipdist.data import ensure_data
-from clipdist.distributed import DistEnv, DistEnvError, barrier, destroy_distributed, init_distributed
+from clipdist.distributed import DistEnv, barrier, destroy_distributed, init_distributed
 from clipdist.engine import Checkpointer
 from clipdist.eval import EvalShape, run_evals
 from clipdist.fileio import write_text_atomically
-from clipdist.log import setup_console_logging
 from clipdist.models import CLIP, build_model, load_pretrained
 
 log = logging.getLogger("clipdist")
@@ -37,23 +37,17 @@ MODULE_STATES = "mp_rank_00_model_states.pt"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    overrides = sys.argv[1:] if argv is None else list(argv)
-    try:
-        env = DistEnv.from_environ()
-    except DistEnvError as error:
-        print(f"clipdist: launch environment: {error}", file=sys.stderr)
-        return 2
-    setup_console_logging(env.rank)
-    try:
-        cfg, _ = load_config(overrides)
-        validate(cfg, env.world_size, training=False)
-        if not cfg.eval.zero_shot and not cfg.eval.retrieval:
-            raise ConfigError("eval.zero_shot: nothing to evaluate (eval.zero_shot and eval.retrieval are both empty)")
-    except ConfigError as error:
-        print(f"clipdist: config error: {error}", file=sys.stderr)
-        return 2
+    started = start(argv, training=False, check=require_eval_sets)
+    if isinstance(started, int):
+        return started
+    env, cfg, _ = started
     evaluate(cfg, env)
     return 0
+
+
+def require_eval_sets(cfg: Config) -> None:
+    if not cfg.eval.zero_shot and not cfg.eval.retrieval:
+        raise ConfigError("eval.zero_shot: nothing to evaluate (eval.zero_shot and eval.retrieval are both empty)")
 
 
 def evaluate(cfg: Config, env: DistEnv) -> Dict[str, Any]:

@@ -22,13 +22,14 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from clipdist.config import Config, ConfigError, global_batch, load_config, validate
+from clipdist.cli import start
+from clipdist.config import Config, global_batch
 from clipdist.data import TrainData, describe_counts, ensure_data
-from clipdist.distributed import DistEnv, DistEnvError, all_reduce_sum, barrier, destroy_distributed, init_distributed
+from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from clipdist.engine import Checkpointer, TrainState, accumulation_groups, build_engine, effective_precision, input_dtype, train_step
 from clipdist.eval import EvalShape, run_evals, summary_fields
 from clipdist.fileio import write_text_atomically
-from clipdist.log import MetricLogger, setup_console_logging
+from clipdist.log import MetricLogger
 from clipdist.losses import build_loss
 from clipdist.models import build_model, load_pretrained
 
@@ -46,20 +47,10 @@ class Components:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    overrides = sys.argv[1:] if argv is None else list(argv)
-    try:
-        env = DistEnv.from_environ()
-    except DistEnvError as error:
-        print(f"clipdist: launch environment: {error}", file=sys.stderr)
-        return 2
-    setup_console_logging(env.rank)
-    try:
-        cfg, resolved = load_config(overrides)
-        # Fail before any process group exists: a bad key should not cost a rendezvous.
-        validate(cfg, env.world_size)
-    except ConfigError as error:
-        print(f"clipdist: config error: {error}", file=sys.stderr)
-        return 2
+    started = start(argv)
+    if isinstance(started, int):
+        return started
+    env, cfg, resolved = started
     train(cfg, env, resolved)
     return 0
 

@@ -357,11 +357,13 @@ class TrainLoader:
 
 
 class EvalLoader:
-    """Zero-shot eval batches (images, labels) of one rank; every rank yields ``len()`` batches of
-    exactly batch_size rows, and rows with label -1 are padding to be ignored."""
+    """Eval batches of one rank; every rank yields ``len()`` of them, of exactly batch_size rows.
 
-    def __init__(self, dataset: EvalStream, num_workers: int):
-        self.dataset, self.num_workers = dataset, num_workers
+    ``unpack(item) -> (batch, skipped counts)``; by default the zero-shot stream's
+    (images, labels, skipped) items become (images, labels), where label -1 marks padding."""
+
+    def __init__(self, dataset: IterableDataset, num_workers: int, unpack: Callable = lambda item: ((item[0], item[1]), item[2])):
+        self.dataset, self.num_workers, self.unpack = dataset, num_workers, unpack
         self._skipped: Counter = Counter()
 
     def __len__(self) -> int:
@@ -371,10 +373,11 @@ class EvalLoader:
     def skipped(self) -> dict[str, int]:
         return dict(self._skipped)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, skipped in iterate(self.dataset, self.num_workers):
+    def __iter__(self) -> Iterator:
+        for item in iterate(self.dataset, self.num_workers):
+            batch, skipped = self.unpack(item)
             self._skipped.update(skipped)
-            yield images, labels
+            yield batch
 
 
 def build_train_loader(

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clipdist.data.pipeline import BadSample, RankPlan, build_eval_loader, check_readable, decode_image, iterate, log_bad_sample
+from clipdist.data.pipeline import BadSample, EvalLoader, RankPlan, build_eval_loader, check_readable, decode_image, log_bad_sample
 
 
 @dataclass
@@ -67,32 +67,12 @@ class CaptionedStream(IterableDataset):
             yield captioned_batch(raw, self.image_size, self.plan.batch_size)
 
 
-class CaptionedEvalLoader:
-    """One rank's CaptionedBatch objects; every rank yields ``len()`` of them."""
-
-    def __init__(self, dataset: CaptionedStream, num_workers: int):
-        self.dataset, self.num_workers = dataset, num_workers
-        self._skipped: Counter = Counter()
-
-    def __len__(self) -> int:
-        return self.dataset.plan.num_batches
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        return dict(self._skipped)
-
-    def __iter__(self) -> Iterator[CaptionedBatch]:
-        for batch in iterate(self.dataset, self.num_workers):
-            self._skipped.update(batch.skipped)
-            yield batch
-
-
 def build_captioned_loader(
     urls: str, *, image_size: int, rank: int, world_size: int, batch_size: int, num_workers: int = 0
-) -> CaptionedEvalLoader:
+) -> EvalLoader:
     # The same per-rank split and batch count as the zero-shot loader: reuse its plan.
     zero_shot_loader = build_eval_loader(
         urls, image_size=image_size, rank=rank, world_size=world_size, batch_size=batch_size, num_workers=num_workers
     )
     plan = zero_shot_loader.dataset.plan
-    return CaptionedEvalLoader(CaptionedStream(plan, image_size), num_workers)
+    return EvalLoader(CaptionedStream(plan, image_size), num_workers, unpack=lambda batch: (batch, batch.skipped))
