@@ -63,6 +63,10 @@ def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]
         state = resume(cfg, run)
         summary = train_loop(cfg, env, run, state)
         run.logger.close()
+        # Release ZeRO-3's hooks and parameter fetches, then meet the other ranks, before the
+        # process group goes: gloo torn down under a pending asynchronous op aborts the process.
+        run.engine.destroy()
+        barrier()
         return summary
     finally:
         destroy_distributed()
