@@ -114,6 +114,10 @@ class RankPlan:
         # is the rank's batch start_batch + n.
         return (worker + self.start_batch) % self.num_streams
 
+    def batches_skipped(self, stream: int) -> int:
+        """How many of ``stream``'s batches lie before start_batch (resume)."""
+        return len(range(stream, self.start_batch, self.num_streams))
+
     def stream_shards(self, stream: int) -> Iterable[Shard]:
         if self.draws is None:
             return self.shards
@@ -133,7 +137,7 @@ class RankPlan:
         """Where ``stream`` starts reading: the first sample of the shuffle window holding its
         first batch from start_batch on."""
         lo, hi = self.stream_slice(stream)
-        first = len(range(stream, self.start_batch, self.num_streams))  # its batches skipped
+        first = self.batches_skipped(stream)
         return min(lo + (first // self.window_batches) * self.window_batches * self.batch_size, hi)
 
     def raw_batches(self, stream: int) -> Iterator[list[dict]]:
@@ -141,7 +145,7 @@ class RankPlan:
         batches past the rank's samples come out short or empty."""
         hi = self.stream_slice(stream)[1]
         num_batches = len(self.stream_batches(stream))
-        first = len(range(stream, self.start_batch, self.num_streams))
+        first = self.batches_skipped(stream)
         per_window = self.window_batches
         window_size = per_window * self.batch_size
         samples = read_positions(self.stream_shards(stream), self.resume_position(stream), hi)
@@ -159,7 +163,7 @@ class RankPlan:
         index, shard, offset = locate(self.stream_shards(stream), self.resume_position(stream))
         return {
             "stream": stream,
-            "next_batch": self.stream_batches(stream)[len(range(stream, self.start_batch, self.num_streams))]
+            "next_batch": self.stream_batches(stream)[self.batches_skipped(stream)]
             if self.start_batch < self.num_batches
             else None,
             "shard_index": index,
