@@ -56,6 +56,15 @@ class ModelConfig:
     # An OpenAI or OpenCLIP checkpoint file to start from (clipdist.models.load_pretrained); its
     # architecture must be this config's.
     pretrained: Optional[str] = None
+    # FLIP: the share of image patches dropped at random in training (0.5 in the paper); eval
+    # always sees every patch. ViT only.
+    patch_dropout: float = 0.0
+    # LiT: freeze the image tower (no gradients, no optimizer state), except its last
+    # lock_image_unlocked_blocks blocks (ViT resblocks / ResNet stages) and projection.
+    lock_image: bool = False
+    lock_image_unlocked_blocks: int = 0
+    # torch.compile each tower (after gradient checkpointing is set up, before DeepSpeed).
+    compile: bool = False
 
 
 @dataclass
@@ -129,7 +138,18 @@ class TrainConfig:
     # data.local_batch × world_size × train.accum_steps.
     global_batch: Optional[int] = None
     checkpoint_every: int = 0  # 0: only at the end
-    resume: Optional[str] = None  # "latest" or a checkpoint directory
+    # "auto": the newest complete checkpoint of this run if there is one, else a fresh start
+    # (what a requeued Slurm job needs); "latest": that checkpoint, which must exist; or a
+    # checkpoint directory.
+    resume: Optional[str] = None
+    # A rank that makes no progress for this long (dead, hung, or stuck in a collective with
+    # one that is) stops every rank with a non-zero exit naming the culprit.
+    fault_timeout_s: float = 600.0
+    # Steps whose loss is NaN/inf are skipped (no update) and counted; this many in a row stop
+    # the run with a checkpoint of the last good state.
+    max_bad_steps: int = 5
+    # On SIGUSR1/SIGTERM: checkpoint at the next step, then `scontrol requeue` when under Slurm.
+    requeue: bool = True
     output_dir: str = "runs/${logging.run_name}"
 
 
@@ -170,6 +190,9 @@ class LoggingConfig:
     run_name: str = "default"
     wandb_mode: str = "offline"  # "offline" | "online" | "disabled"
     log_every: int = 10
+    # Peak dense TFLOP/s of one device for MFU; default: looked up from the GPU's name (H100,
+    # A100 ... in bf16), none on a CPU (then MFU is not logged).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -238,6 +261,16 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True, training:
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.train.accum_steps >= 1, "train.accum_steps", f"must be >= 1, got {cfg.train.accum_steps}")
     _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
+    _require(cfg.train.fault_timeout_s > 0, "train.fault_timeout_s", f"must be > 0, got {cfg.train.fault_timeout_s}")
+    _require(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {cfg.train.max_bad_steps}")
+    _require(0.0 <= cfg.model.patch_dropout < 1.0, "model.patch_dropout", f"must be in [0, 1), got {cfg.model.patch_dropout}")
+    _require(
+        cfg.model.patch_dropout == 0.0 or cfg.model.vision.arch == "vit",
+        "model.patch_dropout",
+        "drops ViT patches; model.vision.arch is resnet",
+    )
+    _require(cfg.model.lock_image_unlocked_blocks >= 0, "model.lock_image_unlocked_blocks", "must be >= 0")
+    _require(cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0, "logging.peak_tflops", "must be > 0")
     _require(cfg.loss.impl in LOSS_IMPLS, "loss.impl", f"expected one of {list(LOSS_IMPLS)}, got {cfg.loss.impl!r}")
     _require(cfg.loss.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {cfg.loss.chunk_size}")
     _require(

@@ -332,28 +332,3 @@ def all_gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None
     if len(set(local_sizes)) != 1:
         raise ValueError(f"all_gather_with_grad needs the same local batch on every rank, got sizes {local_sizes}")
     return _AllGatherWithGrad.apply(x, group)
-
-
-def rendezvous_exports(env: DistEnv) -> str:
-    """Shell assignments for a per-node launcher (one srun task per node runs torchrun)."""
-    return "\n".join(
-        f"export {name}={value}"
-        for name, value in (
-            ("MASTER_ADDR", env.master_addr),
-            ("MASTER_PORT", env.master_port),
-            ("NODE_RANK", env.node_rank),
-            ("NNODES", env.num_nodes),
-        )
-    )
-
-
-if __name__ == "__main__":
-    # `python -m clipdist.distributed rendezvous`: used by slurm/node_launch.sh.
-    import sys
-
-    if sys.argv[1:] != ["rendezvous"]:
-        sys.exit("usage: python -m clipdist.distributed rendezvous")
-    try:
-        print(rendezvous_exports(DistEnv.from_environ()))
-    except DistEnvError as error:
-        sys.exit(f"clipdist: launch environment: {error}")

@@ -84,8 +84,8 @@ def load_model(cfg: Config, rank: int) -> tuple[CLIP, str]:
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained)
         return model, f"model.pretrained={cfg.model.pretrained}"
-    if cfg.train.resume:
-        path = Checkpointer(Path(cfg.train.output_dir) / "checkpoints", rank).resolve(cfg.train.resume)
+    path = Checkpointer(Path(cfg.train.output_dir) / "checkpoints", rank).resolve(cfg.train.resume)
+    if path is not None:
         load_checkpoint_module(model, path)
         return model, f"checkpoint {path}"
     log.warning("evaluating the random initialisation (seed %d): set model.pretrained or train.resume for trained weights", cfg.train.seed)

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it is flushed to disk and
+    renamed over ``path`` (atomic on POSIX), on failure removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text)
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make a rename inside ``directory`` durable before anything points at its result."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

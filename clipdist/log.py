@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -193,9 +194,9 @@ class MetricLogger:
         self.metrics_file = open(run_dir / "metrics.jsonl", "a" if resuming else "w")
         if cfg.wandb_mode != "disabled":
             run_info = {k: info[k] for k in ("world_size", "git", "versions", "resumed_from")}
-            self.run = self._start_wandb(run_dir, {**safe_config, "run_info": run_info})
+            self.run = self._start_wandb(run_dir, {**safe_config, "run_info": run_info}, resuming)
 
-    def _start_wandb(self, run_dir: Path, config: Dict[str, Any]):
+    def _start_wandb(self, run_dir: Path, config: Dict[str, Any], resuming: bool):
         import wandb
 
         # Keep wandb quiet on the console; its files still land in run_dir/wandb.
@@ -210,6 +211,9 @@ class MetricLogger:
         )
         with redacted_argv():
             run = wandb.init(
+                # A resumed launch (a requeued Slurm job) continues the same wandb run.
+                id=wandb_run_id(run_dir, resuming),
+                resume="allow",
                 project=redact(self.cfg.project),
                 name=redact(self.cfg.run_name),
                 mode=self.cfg.wandb_mode,
@@ -244,7 +248,8 @@ class MetricLogger:
 
     def progress(self, step: int, max_steps: int, metrics: Dict[str, float]) -> None:
         """One console line: train/ and perf/ metrics, and the data/ counts as one number."""
-        shown = [f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if not k.startswith("data/") and k != SAMPLES_SEEN]
+        quiet = {SAMPLES_SEEN, *(k for k in ("train/nonfinite_steps",) if not metrics.get(k))}  # shown only when non-zero
+        shown = [f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if not k.startswith("data/") and k not in quiet]
         if "data/epoch" in metrics:
             shown.append(f"epoch {metrics['data/epoch']:.0f}")
         if "data/skipped/padded" in metrics:
@@ -261,6 +266,17 @@ class MetricLogger:
             self.metrics_file.close()
         if self.run is not None:
             self.run.finish()
+
+
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The run's wandb id, kept in <run>/wandb_run_id: a new one for a new run, the same one when
+    resuming."""
+    path = run_dir / "wandb_run_id"
+    if resuming and path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    write_text_atomically(path, run_id)
+    return run_id
 
 
 def redacted_or_none(text: Optional[str]) -> Optional[str]:

@@ -12,6 +12,7 @@ negatives span the global batch (CLIP paper, Figure 3):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -28,6 +29,7 @@ from clipdist.data import TrainData, describe_counts, ensure_data
 from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from clipdist.engine import Checkpointer, TrainState, accumulation_groups, build_engine, effective_precision, input_dtype, train_step
 from clipdist.eval import EvalShape, run_evals, summary_fields
+from clipdist.faults import NonFiniteLoss, StopSignals, TrainingStopped, Watchdog, is_peer_failure, requeue_slurm_job
 from clipdist.fileio import write_text_atomically
 from clipdist.log import MetricLogger
 from clipdist.losses import build_loss
@@ -42,8 +44,11 @@ class Components:
     loss_fn: torch.nn.Module
     data: TrainData
     checkpointer: Checkpointer
+    resume_from: Optional[Path]  # the checkpoint this launch continues, if any
     logger: MetricLogger
     device: torch.device
+    stop: StopSignals
+    watchdog: Watchdog
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -51,28 +56,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if isinstance(started, int):
         return started
     env, cfg, resolved = started
-    train(cfg, env, resolved)
+    try:
+        train(cfg, env, resolved)
+    except TrainingStopped as stopped:
+        log.error("clipdist: %s", stopped)
+        return 1
     return 0
 
 
 def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]:
+    """Train to train.max_steps, or until a stop signal (then checkpoint and requeue)."""
     cfg.deepspeed = effective_precision(cfg.deepspeed)
     init_distributed(env)
+    watchdog = Watchdog(cfg.train.fault_timeout_s, env.rank, env.world_size, env.master_addr, env.master_port).start()
     try:
-        run = build_components(cfg, env, resolved)
-        state = resume(cfg, run)
-        summary = train_loop(cfg, env, run, state)
-        run.logger.close()
-        # Release ZeRO-3's hooks and parameter fetches, then meet the other ranks, before the
-        # process group goes: gloo torn down under a pending asynchronous op aborts the process.
-        run.engine.destroy()
-        barrier()
+        with StopSignals() as stop:
+            run = build_components(cfg, env, resolved, stop, watchdog)
+            try:
+                summary = train_loop(cfg, env, run, resume(run))
+            except TrainingStopped:
+                release(run)  # every rank stopped together: a clean collective teardown
+                raise
+            release(run)
+        if summary.get("preempted") and cfg.train.requeue and env.rank == 0:
+            log.info("%s", requeue_slurm_job() or "not under Slurm: restart with train.resume=auto to continue")
         return summary
+    except Exception as error:
+        if env.world_size > 1 and is_peer_failure(error):
+            # A peer that died breaks this rank's collectives at once; say which one it was.
+            log.error("rank %d failed with %s: %s; peers: %s", env.rank, type(error).__name__, error, watchdog.blame())
+        raise
     finally:
+        watchdog.stop()
         destroy_distributed()
 
 
-def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Components:
+def release(run: Components) -> None:
+    run.logger.close()
+    # Release ZeRO-3's hooks and parameter fetches, then meet the other ranks, before the
+    # process group goes: gloo torn down under a pending asynchronous op aborts the process.
+    run.engine.destroy()
+    barrier()
+
+
+def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any], stop: StopSignals, watchdog: Watchdog) -> Components:
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     prepare_shards(cfg, env)
@@ -111,15 +138,26 @@ def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Com
         accum_steps=cfg.train.accum_steps,
         keys_file=run_dir / "keys" / f"rank{env.rank:05d}.txt" if cfg.data.record_keys else None,
     )
+    checkpointer = Checkpointer(run_dir / "checkpoints", env.rank)
+    resume_from = checkpointer.resolve(cfg.train.resume)
     return Components(
         engine=engine,
         loss_fn=build_loss(cfg.loss),
         data=data,
-        checkpointer=Checkpointer(run_dir / "checkpoints", env.rank),
+        checkpointer=checkpointer,
+        resume_from=resume_from,
         logger=MetricLogger(
-            cfg.logging, run_dir, resolved, env.rank, resuming=bool(cfg.train.resume), world_size=env.world_size, resumed_from=cfg.train.resume
+            cfg.logging,
+            run_dir,
+            resolved,
+            env.rank,
+            resuming=resume_from is not None,
+            world_size=env.world_size,
+            resumed_from=None if resume_from is None else str(resume_from),
         ),
         device=device,
+        stop=stop,
+        watchdog=watchdog,
     )
 
 
@@ -130,9 +168,9 @@ def prepare_shards(cfg: Config, env: DistEnv) -> None:
     barrier()
 
 
-def resume(cfg: Config, run: Components) -> TrainState:
-    """The loop's state, and the data position, of the checkpoint named by train.resume."""
-    loaded = run.checkpointer.load(run.engine, cfg.train.resume)
+def resume(run: Components) -> TrainState:
+    """The loop's state, RNG and data position of the checkpoint named by train.resume."""
+    loaded = run.checkpointer.load(run.engine, run.resume_from)
     if loaded is None:
         return TrainState()
     state, data_position = loaded
@@ -152,30 +190,54 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
     batch_size = global_batch(cfg, env.world_size)
     meter = ThroughputMeter()
     metrics: Dict[str, float] = {}
+    saved, bad_in_a_row = state, 0  # a resumed state is saved already
     if state.step < cfg.train.max_steps:
         for epoch, index, micro_batches in accumulation_groups(train_batches(run.data), cfg.train.accum_steps):
-            # One optimizer step over train.accum_steps micro-batches, whose loss spans all of them;
-            # outputs: image_emb, text_emb, logit_scale[, logit_bias]. index: the last micro-batch's.
-            loss, outputs = train_step(engine, run.loss_fn, micro_batches, device, dtype)
-
-            state = TrainState(state.step + 1, epoch, index + 1, state.samples_seen + batch_size)
-            meter.add(loss.detach(), batch_size)
-            last_step = state.step == cfg.train.max_steps
-            with meter.paused():
-                if due(state.step, cfg.logging.log_every) or last_step:
-                    metrics = meter.flush(engine, logit_scale=outputs[2])
-                    metrics.update(run.data.stats.global_metrics(all_reduce_sum), **{"data/epoch": epoch})
-                    run.logger.log({**metrics, "train/samples_seen": state.samples_seen}, state.step)
-                    run.logger.progress(state.step, cfg.train.max_steps, metrics)
-                if last_step:
-                    break
-                if due(state.step, cfg.eval.every_steps):
-                    run.logger.log(evaluate(cfg, env, engine, device), state.step, state.samples_seen)
-                if due(state.step, cfg.train.checkpoint_every):
-                    run.checkpointer.save(engine, state, run.data.state_dict())
-        run.checkpointer.save(engine, state, run.data.state_dict())
+            run.watchdog.progress(f"step {state.step + 1}")
+            try:
+                # One optimizer step over train.accum_steps micro-batches, whose loss spans all of
+                # them; outputs: image_emb, text_emb, logit_scale[, logit_bias].
+                loss, outputs = train_step(engine, run.loss_fn, micro_batches, device, dtype)
+            except NonFiniteLoss as bad:
+                # No update was made; the batch is consumed, so a resumed run skips it too.
+                state = dataclasses.replace(state, epoch=epoch, step_in_epoch=index + 1, nonfinite_steps=state.nonfinite_steps + 1)
+                bad_in_a_row += 1
+                log.warning("step %d skipped: %s (%d in a row, %d in all)", state.step + 1, bad, bad_in_a_row, state.nonfinite_steps)
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    path = run.checkpointer.save(engine, state, run.data.state_dict())
+                    raise TrainingStopped(
+                        f"train.max_bad_steps={cfg.train.max_bad_steps}: {bad_in_a_row} steps in a row had a NaN/inf loss "
+                        f"(the last {bad}); stopped after step {state.step}, its weights saved in {path}"
+                    ) from None
+            else:
+                bad_in_a_row = 0
+                state = TrainState(state.step + 1, epoch, index + 1, state.samples_seen + batch_size, state.nonfinite_steps)
+                meter.add(loss.detach(), batch_size)
+                last_step = state.step == cfg.train.max_steps
+                with meter.paused():
+                    if due(state.step, cfg.logging.log_every) or last_step:
+                        metrics = meter.flush(engine, logit_scale=outputs[2])
+                        metrics.update(run.data.stats.global_metrics(all_reduce_sum), **{"data/epoch": epoch})
+                        metrics["train/nonfinite_steps"] = state.nonfinite_steps
+                        run.logger.log({**metrics, "train/samples_seen": state.samples_seen}, state.step)
+                        run.logger.progress(state.step, cfg.train.max_steps, metrics)
+                    if last_step:
+                        break
+                    if due(state.step, cfg.eval.every_steps):
+                        run.logger.log(evaluate(cfg, env, engine, device), state.step, state.samples_seen)
+                    if due(state.step, cfg.train.checkpoint_every):
+                        saved = checkpoint(run, state)
+            signalled = run.stop.agreed(device)
+            if signalled:
+                if saved != state:
+                    saved = checkpoint(run, state)
+                reason = f"{run.stop.received or 'a stop signal'} on this rank" if run.stop.received else "a stop signal on a peer"
+                log.warning("stopping after step %d: %s (%d rank(s) signalled); checkpoint %s", state.step, reason, signalled, saved.step)
+                return {"preempted": True, "stop_reason": reason, "train_state": asdict(state)}
+        checkpoint(run, state)
     else:
         log.info("nothing to train: resumed at step %d of train.max_steps=%d", state.step, cfg.train.max_steps)
+    run.watchdog.progress("final eval")
     eval_metrics = evaluate(cfg, env, engine, device)
     run.logger.log(eval_metrics, state.step, state.samples_seen)
     data_metrics = run.data.stats.global_metrics(all_reduce_sum)
@@ -185,6 +247,15 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
     write_summary(summary, Path(cfg.train.output_dir), env.rank)
     run.logger.summary(summary)
     return summary
+
+
+def checkpoint(run: Components, state: TrainState) -> TrainState:
+    """Save, with the watchdog told before and after (a large save takes a while); returns the
+    state saved."""
+    run.watchdog.progress(f"checkpoint of step {state.step}")
+    run.checkpointer.save(run.engine, state, run.data.state_dict())
+    run.watchdog.progress(f"checkpoint of step {state.step} written")
+    return state
 
 
 def due(step: int, every: int) -> bool:

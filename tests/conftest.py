@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -120,21 +121,87 @@ def digits(tmp_path_factory):
     return out
 
 
-def torchrun(run_dir: Path, digits: Path, *overrides: str, nproc: int = 2, experiment: str = "tiny") -> list[dict]:
-    """Run `torchrun -m clipdist.train +experiment=...` and return its metrics.jsonl rows."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "clipdist.train", f"+experiment={experiment}",
+def train_overrides(run_dir: Path, digits: Path, *overrides: str, experiment: str = "tiny") -> list[str]:
+    """`+experiment=...` on the digits shards at ``digits``, writing to ``run_dir``, then ``overrides``."""
+    return [
+        f"+experiment={experiment}",
         f"data.train_urls='{digits}/train-{{000000..000003}}.tar'",
         f"eval.zero_shot.0.urls='{digits}/eval-{{000000..000001}}.tar'",
         f"eval.retrieval.0.urls='{digits}/eval-{{000000..000001}}.tar'",
         f"train.output_dir={run_dir}",
         *overrides,
-    ]  # fmt: skip
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=540, env=env)
+    ]
+
+
+TRAIN_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(run_dir: Path, digits: Path, *overrides: str, nproc: int = 2, experiment: str = "tiny") -> list[dict]:
+    """Run `torchrun -m clipdist.train +experiment=...` and return its metrics.jsonl rows."""
+    result, rows = torchrun_result(run_dir, digits, *overrides, nproc=nproc, experiment=experiment)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows
+
+
+def torchrun_result(
+    run_dir: Path, digits: Path, *overrides: str, nproc: int = 2, experiment: str = "tiny", script: Optional[list[str]] = None
+) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """torchrun of clipdist.train (or of ``script``, e.g. tests/inject.py with its arguments),
+    whatever its exit: the completed process and the metrics.jsonl rows written."""
+    target = script or ["-m", "clipdist.train"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
+    command += train_overrides(run_dir, digits, *overrides, experiment=experiment)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=540, env={**os.environ, **TRAIN_ENV})
+    metrics = run_dir / "metrics.jsonl"
+    return result, [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+class RankProcesses:
+    """``python -m clipdist.train`` once per rank, without torchrun (as srun starts them), so a
+    test can signal, stop or kill one rank; each rank's output goes to ``<log_dir>/rankN.log``."""
+
+    def __init__(self, overrides: list[str], log_dir: Path, world_size: int = 2, command: Optional[list[str]] = None):
+        port = free_port()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.logs = [log_dir / f"rank{rank}.log" for rank in range(world_size)]
+        self.processes = []
+        for rank in range(world_size):
+            env = {
+                **os.environ, **TRAIN_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            }  # fmt: skip
+            with open(self.logs[rank], "w") as log:
+                argv = [sys.executable, *(command or ["-m", "clipdist.train"]), *overrides]
+                self.processes.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env))
+
+    def wait(self, timeout: float) -> list[Optional[int]]:
+        """Exit codes (None: still running after ``timeout`` seconds in all)."""
+        deadline = time.monotonic() + timeout
+        for p in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        return [p.poll() for p in self.processes]
+
+    def output(self, rank: int) -> str:
+        return self.logs[rank].read_text()
+
+    def kill(self) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def wait_for_step(run_dir: Path, step: int, ranks: RankProcesses, timeout: float = 180) -> None:
+    """Until metrics.jsonl has a row of ``step`` or later (fails if a rank exits first)."""
+    deadline, metrics = time.monotonic() + timeout, run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines() if line.strip()):
+            return
+        exited = [rank for rank, p in enumerate(ranks.processes) if p.poll() is not None]
+        assert not exited, f"rank(s) {exited} exited before step {step}:\n{ranks.output(exited[0])[-3000:]}"
+        time.sleep(0.1)
+    raise TimeoutError(f"no step {step} in {metrics} after {timeout} s")
 
 
 def losses(rows: list[dict]) -> dict[int, float]:

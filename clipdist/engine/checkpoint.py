@@ -1,7 +1,8 @@
-"""DeepSpeed checkpoints plus the loop's own state, with an atomically written `latest` pointer.
+"""DeepSpeed checkpoints plus the loop's own state, RNG and data position, written atomically.
 
-A checkpoint directory is complete once `latest` names it: the pointer is only replaced (by
-rename) after every rank has finished writing, so a crash mid-save leaves the previous one loadable.
+Every rank writes into ``<tag>.partial/``; once all have finished, rank 0 renames it to ``<tag>``
+and then replaces the ``latest`` pointer (each a rename, atomic on POSIX file systems). A kill at
+any moment of a save therefore leaves ``latest`` naming the previous, complete checkpoint.
 """
 
 from __future__ import annotations
@@ -9,17 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
-from clipdist.fileio import write_text_atomically
+from clipdist.fileio import fsync_directory, replaced_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+AUTO = "auto"
+PARTIAL = ".partial"
 
 
 @dataclass
@@ -28,6 +35,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     samples_seen: int = 0
+    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss, over the whole run
 
 
 def _barrier() -> None:
@@ -42,38 +50,66 @@ class Checkpointer:
 
     def save(self, engine, state: TrainState, data_position: dict) -> Path:
         """Collective: every rank must call it at the same step. Each rank's data position (its
-        own shards and offsets) goes in a file of its own beside DeepSpeed's."""
-        tag = f"step_{state.step:08d}"
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state={"train_state": asdict(state)}, save_latest=False)
-        position_path = self.data_position_path(self.directory / tag)
-        position_path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(position_path, json.dumps(data_position, indent=1))
+        own shards and offsets) and RNG state go in files of their own beside DeepSpeed's."""
+        tag = self._new_tag(state.step)
+        partial = self.directory / (tag + PARTIAL)
+        if self.rank == 0 and partial.exists():
+            shutil.rmtree(partial)  # left by a save that was killed
+        _barrier()
+        engine.save_checkpoint(str(self.directory), tag=partial.name, client_state={"train_state": asdict(state)}, save_latest=False)
+        self._per_rank_path(partial, "data", "json").parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(self._per_rank_path(partial, "data", "json"), json.dumps(data_position, indent=1))
+        self._per_rank_path(partial, "rng", "pt").parent.mkdir(parents=True, exist_ok=True)
+        with replaced_atomically(self._per_rank_path(partial, "rng", "pt")) as tmp:
+            torch.save(rng_state(), tmp)
         _barrier()
         if self.rank == 0:
+            os.replace(partial, self.directory / tag)
+            fsync_directory(self.directory)
             write_text_atomically(self.directory / LATEST, tag)
         _barrier()
         return self.directory / tag
 
-    def resolve(self, resume: str) -> Path:
-        """`latest` → the newest complete checkpoint; anything else is a checkpoint directory."""
-        if resume == LATEST:
+    def _new_tag(self, step: int) -> str:
+        """step_N, or step_N.1 ... when a checkpoint of step N exists (a stop after skipped
+        steps saves the same weights at a later data position)."""
+        tag, n = f"step_{step:08d}", 0
+        while (self.directory / tag).exists():
+            n += 1
+            tag = f"step_{step:08d}.{n}"
+        return tag
+
+    def resolve(self, resume: Optional[str]) -> Optional[Path]:
+        """`latest` → the newest complete checkpoint; `auto` → the same, or None (a fresh start)
+        when there is none yet; None → None; anything else is a checkpoint directory."""
+        if not resume:
+            return None
+        if resume in (LATEST, AUTO):
             pointer = self.directory / LATEST
             if not pointer.exists():
+                if resume == AUTO:
+                    return None
                 raise FileNotFoundError(f"train.resume=latest: no checkpoint in {self.directory} (missing {pointer})")
-            return self.directory / pointer.read_text().strip()
+            path = self.directory / pointer.read_text().strip()
+            if not path.is_dir():
+                raise FileNotFoundError(f"train.resume={resume}: {pointer} names {path.name}, which does not exist")
+            return path
         path = Path(resume)
         if not path.is_dir():
             raise FileNotFoundError(f"train.resume: {resume} is not a checkpoint directory")
         return path
 
-    def data_position_path(self, checkpoint: Path) -> Path:
-        return checkpoint / "data" / f"rank{self.rank:05d}.json"
+    def _per_rank_path(self, checkpoint: Path, kind: str, suffix: str) -> Path:
+        return checkpoint / kind / f"rank{self.rank:05d}.{suffix}"
 
-    def load(self, engine, resume: Optional[str]) -> Optional[tuple[TrainState, dict]]:
-        """(loop state, this rank's data position), or None when not resuming."""
-        if not resume:
+    def data_position_path(self, checkpoint: Path) -> Path:
+        return self._per_rank_path(checkpoint, "data", "json")
+
+    def load(self, engine, path: Optional[Path]) -> Optional[tuple[TrainState, dict]]:
+        """(loop state, this rank's data position) of the checkpoint at ``path`` (from
+        ``resolve``), with this rank's RNG restored; None when not resuming."""
+        if path is None:
             return None
-        path = self.resolve(resume)
         position_path = self.data_position_path(path)
         if not position_path.exists():
             raise FileNotFoundError(f"train.resume: {path} has no data position for rank {self.rank} ({position_path}); was it written with another world size?")
@@ -81,5 +117,25 @@ class Checkpointer:
         if loaded is None:
             raise RuntimeError(f"train.resume: DeepSpeed could not load {path}")
         state = TrainState(**client_state["train_state"])
+        rng_path = self._per_rank_path(path, "rng", "pt")
+        if rng_path.exists():  # checkpoints before RNG was saved have none
+            restore_rng_state(torch.load(rng_path, weights_only=False))
         log.info("resumed from %s at step %d", path, state.step)
         return state, json.loads(position_path.read_text())
+
+
+def rng_state() -> dict:
+    """Every generator a step may draw from (FLIP's patch dropout draws from torch's)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+

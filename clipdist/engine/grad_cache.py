@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator, List, Sequence, Tuple, TypeVar
 import torch
 from torch import nn
 
+from clipdist.faults import agree_loss_is_finite
 from clipdist.losses.ring import compute_dtype
 from clipdist.models.resnet import running_stats_frozen
 
@@ -76,7 +77,8 @@ def accumulate_gradients(
     engine, loss_fn: nn.Module, micro_batches: Sequence[Any], device: torch.device, dtype: torch.dtype
 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Everything of one optimizer step but the update, which the caller's single
-    `engine.step()` then makes (as after `engine.backward(loss)`).
+    `engine.step()` then makes (as after `engine.backward(loss)`). Raises NonFiniteLoss on every
+    rank, before any backward, when the loss is NaN/inf on any.
 
     One micro-batch is the plain step. With k > 1 (the engine's gradient_accumulation_steps),
     the gradients equal those of one step on the k micro-batches concatenated; the returned
@@ -87,10 +89,12 @@ def accumulate_gradients(
     if len(micro_batches) == 1:
         outputs = engine(*_inputs(micro_batches[0], device, dtype))
         loss = loss_fn(*outputs)  # scores in float32 at least, whatever the tower dtype
+        agree_loss_is_finite(loss)
         engine.backward(loss)
         return loss.detach(), tuple(output.detach() for output in outputs)
     leaves, row_counts = _embed_without_graph(engine, micro_batches, device, dtype)
     loss = loss_fn(*leaves)
+    agree_loss_is_finite(loss)  # before any micro-step: a skipped step leaves DeepSpeed untouched
     loss.backward()  # collective like the loss itself: every rank caches its gradients together
     for index, micro_batch in enumerate(micro_batches):
         rows = slice(sum(row_counts[:index]), sum(row_counts[: index + 1]))
