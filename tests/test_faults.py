@@ -16,10 +16,9 @@ import torch
 
 from clipdist.engine.checkpoint import Checkpointer
 from clipdist.faults import PEER_FAULT_EXIT, StopSignals, requeue_slurm_job
-from conftest import RankProcesses, losses, torchrun, torchrun_result, train_overrides, wait_for_step
+from conftest import QUIET_EVAL, RankProcesses, losses, torchrun, torchrun_result, train_overrides, wait_for_step
 
 INJECT = str(Path(__file__).with_name("inject.py"))
-QUIET = ["eval.zero_shot=[]", "eval.retrieval=[]"]
 
 
 def test_stop_signal_sets_a_flag_that_all_ranks_agree_on():
@@ -56,7 +55,7 @@ def test_sigusr1_on_one_rank_checkpoints_and_the_restart_continues_exactly(tmp_p
     """SIGUSR1 to rank 1 alone: both ranks stop after the same step k, checkpoint and exit 0. The
     restart (train.resume=auto) trains the next 20 steps with the uninterrupted run's losses
     (≤ 1e-6), and over the whole epoch (46 steps) every sample is trained exactly once."""
-    common = [*QUIET, "train.max_steps=46", "data.record_keys=true", "logging.log_every=1"]
+    common = [*QUIET_EVAL, "train.max_steps=46", "data.record_keys=true", "logging.log_every=1"]
     full_dir, run_dir = tmp_path / "full", tmp_path / "preempted"
     full = losses(torchrun(full_dir, digits, *common))
 
@@ -89,7 +88,7 @@ def test_sigusr1_on_one_rank_checkpoints_and_the_restart_continues_exactly(tmp_p
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, digits):
     """The process SIGKILLs itself right after the first file of the step-4 checkpoint lands; the
     relaunch resumes from step 2 and reproduces the uninterrupted losses."""
-    common = [*QUIET, "train.max_steps=6", "train.checkpoint_every=2", "train.resume=auto"]
+    common = [*QUIET_EVAL, "train.max_steps=6", "train.checkpoint_every=2", "train.resume=auto"]
     run_dir = tmp_path / "run"
     killed = RankProcesses(train_overrides(run_dir, digits, *common), tmp_path / "logs", world_size=1, command=[INJECT, "kill-in-save", "step_00000004", "--"])
     assert killed.wait(timeout=240) == [-signal.SIGKILL], killed.output(0)[-3000:]
@@ -116,7 +115,7 @@ def test_nan_losses_are_skipped_and_counted_and_a_run_of_them_stops_with_a_check
     Both ranks skip 3 and 5 (no update, counted) and train on; calls 8, 9, 10 are 3 in a row =
     train.max_bad_steps, so the run stops with exit 1, one line, and a checkpoint of the last good
     weights (step 5: calls 1, 2, 4, 6, 7), which a restart loads."""
-    common = [*QUIET, "train.max_steps=20", "train.max_bad_steps=3", "train.checkpoint_every=5"]
+    common = [*QUIET_EVAL, "train.max_steps=20", "train.max_bad_steps=3", "train.checkpoint_every=5"]
     result, rows = torchrun_result(tmp_path, digits, *common, script=[INJECT, "nan-loss", "0", "3,5,8-", "--"])
     assert result.returncode != 0
     assert "clipdist: train.max_bad_steps=3: 3 steps in a row had a NaN/inf loss (the last non-finite loss on rank(s) [0]); stopped after step 5" in result.stdout + result.stderr
@@ -133,7 +132,7 @@ def test_nan_losses_are_skipped_and_counted_and_a_run_of_them_stops_with_a_check
 
 
 def start_and_reach_step(tmp_path: Path, digits: Path, timeout_s: int) -> RankProcesses:
-    overrides = train_overrides(tmp_path, digits, *QUIET, "train.max_steps=100000", f"train.fault_timeout_s={timeout_s}")
+    overrides = train_overrides(tmp_path, digits, *QUIET_EVAL, "train.max_steps=100000", f"train.fault_timeout_s={timeout_s}")
     ranks = RankProcesses(overrides, tmp_path / "logs")
     wait_for_step(tmp_path, 3, ranks)
     return ranks

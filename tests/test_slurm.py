@@ -1,0 +1,152 @@
+"""The sbatch scripts under a real Slurm (tests/slurm/local-up.sh brings one up; .ci/run does):
+a 2-task CPU job of slurm/train_rn50.sh (EXPERIMENT=tiny) is preempted mid-run, checkpoints,
+requeues itself, resumes from its checkpoint and ends with the uninterrupted run's final loss.
+
+Timings (signal → requeue → restart → resumed → done) go to <tmp>/slurm-timings.json and the
+console (pytest -s)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import QUIET_EVAL, TRAIN_ENV, torchrun
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("sbatch") is None, reason="no sbatch on PATH: start a local Slurm with `bash tests/slurm/local-up.sh`"),
+]
+STEPS = 60
+# The run each job trains: short, so that the tests see the whole cycle.
+OVERRIDES = [*QUIET_EVAL, f"train.max_steps={STEPS}"]
+# The node of tests/slurm/local-up.sh has 2 CPUs and no GPU.
+CPU_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    assert "is UP" in ping.stdout, f"sbatch is installed but slurmctld is not up ({ping.stdout or ping.stderr}): run `bash tests/slurm/local-up.sh`"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_final_loss(tmp_path_factory, digits):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    torchrun(run_dir, digits, *train_urls(digits), *OVERRIDES)
+    return json.loads((run_dir / "summary.json").read_text())["final_loss"]
+
+
+def train_urls(digits: Path) -> list[str]:
+    return [f"data.train_urls='{digits}/train-{{000000..000003}}.tar'"]
+
+
+class Job:
+    """A submitted sbatch job of slurm/train_rn50.sh and its run directory."""
+
+    def __init__(self, tmp_path: Path, digits: Path, *sbatch_args: str):
+        self.run_dir = tmp_path / "run"
+        self.output = tmp_path / "job.out"
+        env = {
+            **os.environ, **TRAIN_ENV, "EXPERIMENT": "tiny", "CLIPDIST_ROOT": str(ROOT), "PYTHON": sys.executable,
+            "RUN_ROOT": str(tmp_path), "RUN_NAME": "run",
+        }  # fmt: skip
+        command = ["sbatch", "--parsable", *CPU_JOB, f"--output={self.output}", *sbatch_args, str(ROOT / "slurm" / "train_rn50.sh")]
+        submitted = subprocess.run([*command, *train_urls(digits), *OVERRIDES], capture_output=True, text=True, env=env, check=True)
+        self.id = submitted.stdout.strip().split(";")[0]
+        self.submitted_at = time.time()
+
+    def state(self) -> dict[str, str]:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", self.id], capture_output=True, text=True).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", shown))
+
+    def wait_for(self, predicate, what: str, timeout: float = 240) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return time.time()
+            state = self.state().get("JobState")
+            assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), f"job {self.id} {state} before {what}:\n{self.log()[-4000:]}"
+            time.sleep(0.2)
+        raise TimeoutError(f"job {self.id}: no {what} after {timeout} s (state {self.state()}):\n{self.log()[-4000:]}")
+
+    def steps_logged(self) -> int:
+        metrics = self.run_dir / "metrics.jsonl"
+        if not metrics.exists():
+            return 0
+        return max((json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()), default=0)
+
+    def log(self) -> str:
+        return self.output.read_text() if self.output.exists() else ""
+
+    def cancel(self) -> None:
+        subprocess.run(["scancel", self.id], capture_output=True)
+
+
+def check_cycle(job: Job, preempted_at: float, expected_final_loss: float, tmp_path: Path, how: str) -> dict:
+    """Wait for requeue → restart → resumed → COMPLETED; check the result; return the timings."""
+    checkpointed = job.wait_for(lambda: (job.run_dir / "checkpoints" / "latest").exists(), "checkpoint")
+    restarted = job.wait_for(lambda: "restart 1 on" in job.log(), "restart after requeue")
+    resumed = job.wait_for(lambda: "resumed from" in job.log().split("restart 1 on")[-1], "resume from the checkpoint")
+    done = job.wait_for(lambda: job.state().get("JobState") == "COMPLETED", "completion")
+    state, log = job.state(), job.log()
+    assert state["Restarts"] == "1", state
+    resumed_line = next(line for line in log.splitlines() if "resumed from" in line)
+    step = int(re.search(r"at step (\d+)", resumed_line).group(1))
+    assert 5 <= step < STEPS, resumed_line
+    assert "requeued Slurm job" in log, log[-4000:]
+    final_loss = json.loads((job.run_dir / "summary.json").read_text())["final_loss"]
+    assert abs(final_loss - expected_final_loss) <= 1e-6, (final_loss, expected_final_loss)
+    timings = {
+        "how": how,
+        "stopped_at_step": step,
+        "signal_to_checkpoint_s": round(checkpointed - preempted_at, 1),
+        "signal_to_restart_s": round(restarted - preempted_at, 1),
+        "signal_to_resumed_s": round(resumed - preempted_at, 1),
+        "signal_to_completed_s": round(done - preempted_at, 1),
+    }
+    with open(tmp_path.parent / "slurm-timings.json", "a") as f:
+        f.write(json.dumps(timings) + "\n")
+    print(json.dumps(timings))
+    return timings
+
+
+def test_scancel_usr1_checkpoints_requeues_and_resumes_to_the_same_final_loss(cluster, tmp_path, digits, uninterrupted_final_loss):
+    """`scancel --signal=USR1` (what --signal=USR1@120 sends before the time limit) to the job's
+    ranks mid-run."""
+    job = Job(tmp_path, digits)
+    try:
+        job.wait_for(lambda: job.steps_logged() >= 5, "step 5")
+        subprocess.run(["scancel", "--signal=USR1", job.id], check=True)
+        check_cycle(job, time.time(), uninterrupted_final_loss, tmp_path, "scancel --signal=USR1")
+    finally:
+        job.cancel()
+
+
+def test_partition_preemption_requeues_and_resumes_to_the_same_final_loss(cluster, tmp_path, digits, uninterrupted_final_loss):
+    """A job in partition `high` preempts ours in `debug` (PreemptMode=REQUEUE): Slurm signals
+    our ranks, they checkpoint and requeue; the high job runs; ours resumes and completes."""
+    job = Job(tmp_path, digits, "--partition=debug")
+    high = None
+    try:
+        job.wait_for(lambda: job.steps_logged() >= 5, "step 5")
+        high = subprocess.run(
+            ["sbatch", "--parsable", "--partition=high", "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/high.out", "--wrap", "sleep 2"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        timings = check_cycle(job, time.time(), uninterrupted_final_loss, tmp_path, "partition preemption by a job in `high`")
+        assert "DUE TO PREEMPTION" in job.log() or "DUE TO JOB REQUEUE" in job.log()
+        assert timings["signal_to_checkpoint_s"] < 30, "checkpointed after Slurm's GraceTime: the signal did not reach the ranks"
+    finally:
+        job.cancel()
+        if high:
+            subprocess.run(["scancel", high], capture_output=True)
