@@ -34,7 +34,8 @@ from clipdist.distributed import all_reduce_sum, get_rank
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# SIGUSR2: what Hydra's submitit launcher sends before the time limit (clipdist.sweep).
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 # The exit status of a rank that stops because a peer is dead or hung (distinct from 1, a
 # rank's own error, so that a job script can tell them apart).
 PEER_FAULT_EXIT = 3

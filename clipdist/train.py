@@ -89,6 +89,15 @@ def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]
     finally:
         watchdog.stop()
         destroy_distributed()
+        forget_deepspeed_world_group()
+
+
+def forget_deepspeed_world_group() -> None:
+    """DeepSpeed caches its clone of the world group across engines; after the process group is
+    destroyed, a second train() in this process (a Hydra sweep's next point) needs a fresh one."""
+    import deepspeed.utils.groups
+
+    deepspeed.utils.groups._WORLD_GROUP = None
 
 
 def release(run: Components) -> None:
