@@ -108,7 +108,11 @@ def release(run: Components) -> None:
     barrier()
 
 
-def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any], stop: StopSignals, watchdog: Watchdog) -> Components:
+def build_components(
+    cfg: Config, env: DistEnv, resolved: Dict[str, Any], stop: Optional[StopSignals] = None, watchdog: Optional[Watchdog] = None
+) -> Components:
+    """Everything a run needs. Without ``stop`` and ``watchdog`` (a library caller), no signal
+    stops it and no watchdog runs."""
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     prepare_shards(cfg, env)
@@ -165,8 +169,8 @@ def build_components(cfg: Config, env: DistEnv, resolved: Dict[str, Any], stop: 
             resumed_from=None if resume_from is None else str(resume_from),
         ),
         device=device,
-        stop=stop,
-        watchdog=watchdog,
+        stop=stop or StopSignals(),
+        watchdog=watchdog or Watchdog(cfg.train.fault_timeout_s, env.rank, env.world_size, env.master_addr, env.master_port),
     )
 
 

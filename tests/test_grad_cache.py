@@ -4,6 +4,7 @@ ranks: k micro-batches must give the gradients and the loss of one step with a k
 from __future__ import annotations
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -145,10 +146,38 @@ def _batchnorm_statistics(rank: int, world_size: int) -> dict:
     }
 
 
+def _patch_dropout_replayed(rank: int, world_size: int) -> float:
+    """GradCache's gradients with FLIP patch dropout vs autograd through the same patches (the
+    second forward of each micro-batch must keep the patches of its first): max relative error."""
+    from clipdist.engine import accumulate_gradients, build_engine
+    from clipdist.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(tiny_vit_config("gather", grad_checkpointing=True), patch_dropout=0.5))
+    twin = copy.deepcopy(model)
+    engine = build_engine(model, OptimConfig(), DeepSpeedConfig(), local_batch=MICRO_BATCH, accum_steps=2, world_size=world_size, total_steps=10)
+    loss_fn = build_loss(LossConfig())
+    micro_batches = split(rank_inputs(rank, 2 * MICRO_BATCH, image_size=16), MICRO_BATCH)
+    before = torch.get_rng_state()
+    accumulate_gradients(engine, loss_fn, micro_batches, torch.device("cpu"), torch.float32)
+    torch.set_rng_state(before)  # the twin draws the patches of the first forwards
+    outputs = [twin(m.images, m.tokens) for m in micro_batches]
+    loss_fn(torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs]), outputs[0][2]).backward()
+    grads = full_gradients(engine)
+    return max(((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item() for n, p in twin.named_parameters() if p.grad is not None and p.grad.abs().max() > 0)
+
+
 def _all_cases(rank: int, world_size: int) -> dict:
     results = {case: _accumulated_vs_big_batch(rank, world_size, *args) for case, args in CASES.items()}
     results["batchnorm"] = _batchnorm_statistics(rank, world_size)
     return results
+
+
+@pytest.mark.slow
+def test_patch_dropout_is_replayed_in_the_second_forward():
+    """One rank: the gradient of the loss through the patches the first forward kept, within 1e-5
+    (relative to each parameter's largest gradient, float32)."""
+    assert run_distributed(_patch_dropout_replayed, world_size=1, timeout=120.0)[0] <= 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -71,8 +71,10 @@ def build_engine(
     import deepspeed
 
     # DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm's running statistics
-    # must match, so cast the whole module first (DeepSpeed keeps fp32 master weights).
-    model = model.to(input_dtype(ds_cfg))
+    # must match, so cast the whole module first (DeepSpeed keeps fp32 master weights). Moved to
+    # the device DeepSpeed would move it to, so that the optimizer sees where its parameters live
+    # (a fused AdamW kernel on CUDA).
+    model = model.to(engine_device(), input_dtype(ds_cfg))
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(
@@ -82,6 +84,13 @@ def build_engine(
         config=deepspeed_config(ds_cfg, local_batch=local_batch, accum_steps=accum_steps, world_size=world_size),
     )
     return engine
+
+
+def engine_device() -> torch.device:
+    """This process's accelerator (LOCAL_RANK, as DeepSpeed picks it), the CPU without one."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
 
 
 def input_dtype(ds_cfg: DeepSpeedConfig) -> torch.dtype:

@@ -16,14 +16,17 @@ over the whole accumulated batch while holding the activations of only one micro
 The shares add up in the gradient buffers over DeepSpeed's micro-steps, so the optimizer sees
 dL/dθ of one step with a k× larger local batch. The price is one extra forward per micro-batch.
 
-Two things differ from a k× batch by design: BatchNorm (ResNet towers) normalises each
+Random draws in the towers (FLIP's patch dropout) are replayed: the second forward of a
+micro-batch restores the RNG state of its first, so it keeps the same patches.
+
+One thing differs from a k× batch by design: BatchNorm (ResNet towers) normalises each
 micro-batch with its own statistics, as it normalises each rank's batch with its own under data
-parallelism; and a tower with dropout would need its random state replayed in the second forward
-(clipdist's towers have none).
+parallelism.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Iterable, Iterator, List, Sequence, Tuple, TypeVar
 
@@ -92,13 +95,14 @@ def accumulate_gradients(
         agree_loss_is_finite(loss)
         engine.backward(loss)
         return loss.detach(), tuple(output.detach() for output in outputs)
-    leaves, row_counts = _embed_without_graph(engine, micro_batches, device, dtype)
+    leaves, row_counts, rng_states = _embed_without_graph(engine, micro_batches, device, dtype)
     loss = loss_fn(*leaves)
     agree_loss_is_finite(loss)  # before any micro-step: a skipped step leaves DeepSpeed untouched
     loss.backward()  # collective like the loss itself: every rank caches its gradients together
     for index, micro_batch in enumerate(micro_batches):
         rows = slice(sum(row_counts[:index]), sum(row_counts[: index + 1]))
-        _backward_micro_batch(engine, micro_batch, leaves, rows, first=index == 0, device=device, dtype=dtype)
+        with replayed_rng(rng_states[index], device):
+            _backward_micro_batch(engine, micro_batch, leaves, rows, first=index == 0, device=device, dtype=dtype)
         if index < len(micro_batches) - 1:
             engine.step()  # DeepSpeed counts the micro-step; it updates only at the boundary
     return loss.detach(), tuple(leaf.detach() for leaf in leaves)
@@ -110,20 +114,38 @@ def _inputs(micro_batch: Any, device: torch.device, dtype: torch.dtype) -> Tuple
 
 def _embed_without_graph(
     engine, micro_batches: Sequence[Any], device: torch.device, dtype: torch.dtype
-) -> Tuple[List[torch.Tensor], List[int]]:
-    """Leaves holding this rank's concatenated embeddings and the temperature (and bias).
+) -> Tuple[List[torch.Tensor], List[int], List[tuple]]:
+    """Leaves holding this rank's concatenated embeddings and the temperature (and bias), the
+    micro-batches' row counts, and the RNG state before each one's forward.
 
     They are in the loss's scoring dtype (float32 for bf16/fp16 towers): dL/d(embedding) must not
     underflow in fp16, since only the second backward is loss-scaled. BatchNorm running statistics
     move here, once per micro-batch, as in plain training; the second forward leaves them alone."""
+    per_micro_batch, rng_states = [], []
     with torch.no_grad():
-        per_micro_batch = [engine(*_inputs(micro_batch, device, dtype)) for micro_batch in micro_batches]
+        for micro_batch in micro_batches:
+            rng_states.append(rng_state(device))
+            per_micro_batch.append(engine(*_inputs(micro_batch, device, dtype)))
     images = torch.cat([outputs[0] for outputs in per_micro_batch])
     texts = torch.cat([outputs[1] for outputs in per_micro_batch])
     scalars = per_micro_batch[0][2:]  # temperature[, bias]: the same in every micro-batch
     # Copies, so that no leaf aliases a parameter: the model returns the bias parameter itself.
     leaves = [t.detach().to(compute_dtype(t.dtype), copy=True).requires_grad_() for t in (images, texts, *scalars)]
-    return leaves, [len(outputs[0]) for outputs in per_micro_batch]
+    return leaves, [len(outputs[0]) for outputs in per_micro_batch], rng_states
+
+
+def rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def replayed_rng(state: tuple, device: torch.device):
+    """Draw the random numbers of ``state`` again; the RNG outside the block is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def _backward_micro_batch(

@@ -7,7 +7,14 @@ from clipdist.models.tokenizer import SimpleTokenizer, tokenize
 
 
 def build_model(cfg: ModelConfig) -> CLIP:
-    return CLIP(cfg)
+    """The model of ``cfg``, LiT lock applied; towers compiled last, once gradient checkpointing
+    (which the compiled graph bakes in) is set."""
+    model = CLIP(cfg)
+    if cfg.lock_image:
+        model.lock_image(cfg.lock_image_unlocked_blocks)
+    if cfg.compile:
+        model.compile_towers()
+    return model
 
 
 __all__ = ["CLIP", "SimpleTokenizer", "build_model", "load_openai_state_dict", "load_pretrained", "tokenize"]

@@ -26,7 +26,7 @@ class CLIP(nn.Module):
         self.context_length = cfg.text.context_length
         self.max_logit_scale = cfg.max_logit_scale
         if cfg.vision.arch == "vit":
-            self.visual: nn.Module = VisionTransformer(cfg.vision, cfg.embed_dim)
+            self.visual: nn.Module = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.patch_dropout)
         elif cfg.vision.arch == "resnet":
             self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim)
         else:
@@ -44,11 +44,47 @@ class CLIP(nn.Module):
         self.visual.set_grad_checkpointing(enabled)
         self.text.set_grad_checkpointing(enabled)
 
+    def lock_image(self, unlocked_blocks: int = 0) -> None:
+        """LiT (Zhai et al. 2022): freeze the image tower but its last ``unlocked_blocks`` blocks
+        (ViT resblocks, ResNet stages) and, when any is unlocked, the head that follows them; 0
+        freezes it all, projection included. Frozen parameters get no gradient and no optimizer
+        state (engine.optim.param_groups skips them); frozen modules stay in eval mode (train)."""
+        blocks = self.visual.trunk_blocks()
+        if not 0 <= unlocked_blocks <= len(blocks):
+            raise ValueError(f"model.lock_image_unlocked_blocks: the image tower has {len(blocks)} blocks, got {unlocked_blocks}")
+        self.visual.requires_grad_(False)
+        if unlocked_blocks:
+            for block in blocks[len(blocks) - unlocked_blocks :]:
+                block.requires_grad_(True)
+            for param in self.visual.head_parameters():
+                param.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "CLIP":
+        """Also keeps every image-tower module whose parameters are all frozen in eval mode: a
+        locked BatchNorm must not move its running statistics (that would change the features
+        LiT keeps fixed), and a fully locked ViT sees every patch (no patch dropout)."""
+        super().train(mode)
+        for module in self.visual.modules():
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+        return self
+
+    def compile_towers(self) -> None:
+        """torch.compile each tower in place. nn.Module.compile keeps the state dict keys (no
+        ``_orig_mod.`` prefix), so checkpoints and exports are those of the eager model."""
+        self.visual.compile()
+        self.text.compile()
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images: [batch, 3, image_size, image_size] -> [batch, embed_dim]."""
         if images.ndim != 4 or tuple(images.shape[-3:]) != (3, self.image_size, self.image_size):
             raise ValueError(f"images have shape {tuple(images.shape)}, expected [batch, 3, {self.image_size}, {self.image_size}]")
-        features = self.visual(images)
+        # A fully locked tower records no graph anyway; no_grad also skips its checkpointing.
+        trainable = any(p.requires_grad for p in self.visual.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -64,8 +100,9 @@ class CLIP(nn.Module):
         max_logit_scale, shape (1,), and SigLIP's bias (1,) when the model has one — exactly the
         arguments of the configured loss."""
         # The clamp stops the temperature from growing without bound (paper: capped at 100);
-        # its gradient is zero once clamped, so logit_scale stays put there.
-        logit_scale_exp = self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        # its gradient is zero once clamped, so logit_scale stays put there. In float32: a bf16
+        # exp(logit_scale) near 100 would be off by up to 0.25, whatever the loss computes in.
+        logit_scale_exp = self.logit_scale.float().exp().clamp(max=self.max_logit_scale)
         outputs = (self.encode_image(images), self.encode_text(tokens), logit_scale_exp)
         return outputs if self.logit_bias is None else (*outputs, self.logit_bias)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Iterator
+from typing import Iterator, List
 
 import torch
 import torch.nn.functional as F
@@ -137,25 +137,35 @@ class ModifiedResNet(nn.Module):
         for proj in (self.attnpool.q_proj, self.attnpool.k_proj, self.attnpool.v_proj, self.attnpool.c_proj):
             nn.init.normal_(proj.weight, std=std)
         # Zero-init the last norm of every residual branch: each block starts as the identity.
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+        for stage in self.trunk_blocks():
             for block in stage:
                 nn.init.zeros_(block.bn3.weight)
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         self.grad_checkpointing = enabled
 
+    def trunk_blocks(self) -> List[nn.Module]:
+        """The stages that LiT's ``lock_image_unlocked_blocks`` counts from the top."""
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        """What follows the stages; trainable whenever any stage is."""
+        return list(self.attnpool.parameters())
+
     def _run_block(self, block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(
-                block, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), running_stats_frozen(block))
-            )
-        return block(x)
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return block(x)
+        if torch.compiler.is_compiling():
+            # A compiled graph applies BatchNorm's buffer updates once, after the forward; the
+            # recomputation in its backward is functional. (Dynamo cannot trace the context_fn.)
+            return checkpoint(block, x, use_reentrant=False)
+        return checkpoint(block, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), running_stats_frozen(block)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(images)))
         x = F.relu(self.bn2(self.conv2(x)))
         x = self.avgpool(F.relu(self.bn3(self.conv3(x))))
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+        for stage in self.trunk_blocks():
             for block in stage:
                 x = self._run_block(block, x)
         return self.attnpool(x)

@@ -10,6 +10,7 @@ changes no parameter.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -93,10 +94,39 @@ class Transformer(nn.Module):
         return x
 
 
+class PatchDropout(nn.Module):
+    """FLIP (Li et al. 2023): in training, each image keeps a random subset of its patch tokens,
+    the same number for every image so that shapes stay static; the class token always stays.
+    Attention cost falls with the square of the kept share. Eval sees every patch.
+
+    Draws from torch's global RNG, so ``torch.manual_seed`` (and a checkpointed RNG state)
+    reproduces the subsets. Has no parameters: the state dict is that of a plain ViT."""
+
+    def __init__(self, prob: float):
+        super().__init__()
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"model.patch_dropout: must be in [0, 1), got {prob}")
+        self.prob = prob
+
+    def kept_patches(self, patches: int) -> int:
+        return max(1, int(patches * (1.0 - self.prob)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, 1 + patches, width], class token first -> [batch, 1 + kept, width]."""
+        if not self.training or self.prob == 0.0:
+            return x
+        batch, tokens, width = x.shape
+        keep = self.kept_patches(tokens - 1)
+        # The top-k of i.i.d. uniform scores is a uniformly random subset (OpenCLIP draws the same way).
+        kept = torch.rand(batch, tokens - 1, device=x.device).topk(keep, dim=-1).indices + 1
+        patches = x.gather(1, kept.unsqueeze(-1).expand(-1, -1, width))
+        return torch.cat([x[:, :1], patches], dim=1)
+
+
 class VisionTransformer(nn.Module):
     """Patchify, prepend a class token, transform, project the class token to ``embed_dim``."""
 
-    def __init__(self, cfg: VisionConfig, embed_dim: int):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, patch_dropout: float = 0.0):
         super().__init__()
         if cfg.image_size % cfg.patch_size != 0:
             raise ValueError(f"model.vision.patch_size {cfg.patch_size} does not divide image_size {cfg.image_size}")
@@ -106,6 +136,7 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.patch_dropout = PatchDropout(patch_dropout)
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(width, cfg.layers, width // cfg.head_width, cfg.mlp_ratio)
         self.ln_post = nn.LayerNorm(width)
@@ -114,9 +145,18 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enabled: bool) -> None:
         self.transformer.grad_checkpointing = enabled
 
+    def trunk_blocks(self) -> List[nn.Module]:
+        """The blocks that LiT's ``lock_image_unlocked_blocks`` counts from the top."""
+        return list(self.transformer.resblocks)
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        """What follows the blocks; trainable whenever any block is."""
+        return [*self.ln_post.parameters(), self.proj]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.conv1(images).flatten(2).transpose(1, 2)  # [batch, grid*grid, width]
         class_token = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([class_token, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
+        # After the positional embedding, so that every kept patch keeps its position (as OpenCLIP).
+        x = self.transformer(self.ln_pre(self.patch_dropout(x)))
         return self.ln_post(x[:, 0]) @ self.proj
