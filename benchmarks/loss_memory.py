@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _common import MEMORY_WORKER_ENV, describe_machine, peak_rss_rise
+from _common import MEMORY_WORKER_ENV, describe_machine, peak_rss_rise, wait_all_or_kill
 
 from clipdist.config import LossConfig
 from clipdist.fileio import write_text_atomically
@@ -130,21 +130,6 @@ def spawn_case(args: argparse.Namespace, impl: str, global_batch: int, measure: 
             )
             raise RuntimeError(f"{impl} at global batch {global_batch} ({measure}) failed:\n{report}")
         return [json.loads((tmp_dir / f"{rank}.out").read_text().strip().splitlines()[-1]) for rank in range(WORLD_SIZE)]
-
-
-def wait_all_or_kill(processes: List[subprocess.Popen], grace_s: float = 10.0) -> List[int]:
-    """Wait for every rank; once one fails, the others are stuck in a collective, so give them
-    ``grace_s`` to notice and then kill them."""
-    failed_at: Optional[float] = None
-    while any(p.poll() is None for p in processes):
-        if failed_at is None and any(p.poll() not in (None, 0) for p in processes):
-            failed_at = time.monotonic()
-        if failed_at is not None and time.monotonic() > failed_at + grace_s:
-            for p in processes:
-                if p.poll() is None:
-                    p.kill()
-        time.sleep(0.2)
-    return [p.wait() for p in processes]
 
 
 def summarise_case(memory: List[Dict[str, Any]], timing: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -11,12 +11,10 @@ negatives span the global batch (CLIP paper, Figure 3):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
@@ -34,6 +32,7 @@ from clipdist.fileio import write_text_atomically
 from clipdist.log import MetricLogger
 from clipdist.losses import build_loss
 from clipdist.models import build_model, load_pretrained
+from clipdist.perf import ThroughputMeter, build_throughput_meter
 
 log = logging.getLogger("clipdist")
 
@@ -201,7 +200,7 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
     engine, device = run.engine, run.device
     dtype = input_dtype(cfg.deepspeed)
     batch_size = global_batch(cfg, env.world_size)
-    meter = ThroughputMeter()
+    meter = build_throughput_meter(cfg, env.world_size, device)
     metrics: Dict[str, float] = {}
     saved, bad_in_a_row = state, 0  # a resumed state is saved already
     if state.step < cfg.train.max_steps:
@@ -273,45 +272,6 @@ def checkpoint(run: Components, state: TrainState) -> TrainState:
 
 def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
-
-
-class ThroughputMeter:
-    """Training time and samples/s, with logging, eval and checkpoints paused out of the clock."""
-
-    def __init__(self):
-        self.train_seconds = 0.0
-        self.train_samples = 0
-        self._interval_seconds, self._interval_samples, self._losses = 0.0, 0, []
-        self._started = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, samples: int) -> None:
-        self._losses.append(loss)
-        self._interval_samples += samples
-        self.train_samples += samples
-
-    @contextlib.contextmanager
-    def paused(self):
-        elapsed = time.perf_counter() - self._started
-        self._interval_seconds += elapsed
-        self.train_seconds += elapsed
-        try:
-            yield
-        finally:
-            self._started = time.perf_counter()
-
-    def flush(self, engine, logit_scale: torch.Tensor) -> Dict[str, float]:
-        """Metrics since the last flush; call inside `paused()`."""
-        # Each rank's loss is the mean over its own rows; the global loss is the mean over ranks.
-        local_mean = torch.stack(self._losses).double().mean().reshape(1).cpu()
-        metrics = {
-            "train/loss": all_reduce_sum(local_mean).item() / engine.world_size,
-            "train/lr": engine.get_lr()[0],
-            "train/logit_scale": float(logit_scale.detach().float().reshape(-1)[0]),
-            "perf/samples_per_second": self._interval_samples / max(self._interval_seconds, 1e-9),
-            "train/global_batch": float(engine.train_batch_size()),
-        }
-        self._interval_seconds, self._interval_samples, self._losses = 0.0, 0, []
-        return metrics
 
 
 def evaluate(cfg: Config, env: DistEnv, engine, device: torch.device) -> Dict[str, float]:
