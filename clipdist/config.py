@@ -270,6 +270,11 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True, training:
         "drops ViT patches; model.vision.arch is resnet",
     )
     _require(cfg.model.lock_image_unlocked_blocks >= 0, "model.lock_image_unlocked_blocks", "must be >= 0")
+    _require(
+        not training or not cfg.model.lock_image or bool(cfg.model.pretrained or cfg.train.resume),
+        "model.lock_image",
+        "locks the image tower's starting weights: set model.pretrained (LiT tunes text to a pretrained image tower) or train.resume",
+    )
     _require(cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0, "logging.peak_tflops", "must be > 0")
     _require(cfg.loss.impl in LOSS_IMPLS, "loss.impl", f"expected one of {list(LOSS_IMPLS)}, got {cfg.loss.impl!r}")
     _require(cfg.loss.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {cfg.loss.chunk_size}")

@@ -102,3 +102,22 @@ def test_eval_sets_compose_from_yaml_and_overrides(tmp_path):
     assert (retrieval.name, retrieval.urls) == ("digits", f"{tmp_path}/e.tar")
     cfg, _ = load_config(["+experiment=vitb32"])
     assert cfg.eval.zero_shot == [] and cfg.eval.retrieval == []
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.fault_timeout_s=0", "train.fault_timeout_s"),
+        ("train.max_bad_steps=0", "train.max_bad_steps"),
+        ("model.patch_dropout=1.0", "model.patch_dropout"),
+        ("model.lock_image=true", "model.lock_image"),  # nothing pretrained to lock
+        ("logging.peak_tflops=-1", "logging.peak_tflops"),
+    ],
+)
+def test_fault_and_speed_settings_name_the_key(override, key):
+    assert config_error(["+experiment=tiny", override]).startswith(f"{key}:")
+
+
+def test_patch_dropout_is_for_vit_towers():
+    message = config_error(["+experiment=digits", "model.patch_dropout=0.5"])
+    assert message == "model.patch_dropout: drops ViT patches; model.vision.arch is resnet"
