@@ -203,54 +203,76 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
     meter = build_throughput_meter(cfg, env.world_size, device)
     metrics: Dict[str, float] = {}
     saved, bad_in_a_row = state, 0  # a resumed state is saved already
-    if state.step < cfg.train.max_steps:
-        for epoch, index, micro_batches in accumulation_groups(train_batches(run.data), cfg.train.accum_steps):
-            run.watchdog.progress(f"step {state.step + 1}")
-            try:
-                # One optimizer step over train.accum_steps micro-batches, whose loss spans all of
-                # them; outputs: image_emb, text_emb, logit_scale[, logit_bias].
-                loss, outputs = train_step(engine, run.loss_fn, micro_batches, device, dtype)
-            except NonFiniteLoss as bad:
-                # No update was made; the batch is consumed, so a resumed run skips it too.
-                state = dataclasses.replace(state, epoch=epoch, step_in_epoch=index + 1, nonfinite_steps=state.nonfinite_steps + 1)
-                bad_in_a_row += 1
-                log.warning("step %d skipped: %s (%d in a row, %d in all)", state.step + 1, bad, bad_in_a_row, state.nonfinite_steps)
-                if bad_in_a_row >= cfg.train.max_bad_steps:
-                    path = run.checkpointer.save(engine, state, run.data.state_dict())
-                    raise TrainingStopped(
-                        f"train.max_bad_steps={cfg.train.max_bad_steps}: {bad_in_a_row} steps in a row had a NaN/inf loss "
-                        f"(the last {bad}); stopped after step {state.step}, its weights saved in {path}"
-                    ) from None
-            else:
-                bad_in_a_row = 0
-                state = TrainState(state.step + 1, epoch, index + 1, state.samples_seen + batch_size, state.nonfinite_steps)
-                meter.add(loss.detach(), batch_size)
-                last_step = state.step == cfg.train.max_steps
-                with meter.paused():
-                    if due(state.step, cfg.logging.log_every) or last_step:
-                        metrics = meter.flush(engine, logit_scale=outputs[2])
-                        metrics.update(run.data.stats.global_metrics(all_reduce_sum), **{"data/epoch": epoch})
-                        metrics["train/nonfinite_steps"] = state.nonfinite_steps
-                        run.logger.log({**metrics, "train/samples_seen": state.samples_seen}, state.step)
-                        run.logger.progress(state.step, cfg.train.max_steps, metrics)
-                    if last_step:
-                        break
-                    if due(state.step, cfg.eval.every_steps):
-                        run.logger.log(evaluate(cfg, env, engine, device), state.step, state.samples_seen)
-                    if due(state.step, cfg.train.checkpoint_every):
-                        saved = checkpoint(run, state)
-            signalled = run.stop.agreed(device)
-            if signalled:
-                if saved != state:
-                    saved = checkpoint(run, state)
-                reason = f"{run.stop.received or 'a stop signal'} on this rank" if run.stop.received else "a stop signal on a peer"
-                log.warning("stopping after step %d: %s (%d rank(s) signalled); checkpoint %s", state.step, reason, signalled, saved.step)
-                return {"preempted": True, "stop_reason": reason, "train_state": asdict(state)}
-        checkpoint(run, state)
-    else:
+    if state.step >= cfg.train.max_steps:
         log.info("nothing to train: resumed at step %d of train.max_steps=%d", state.step, cfg.train.max_steps)
+        return finish(cfg, env, run, state, metrics, meter)
+    for epoch, index, micro_batches in accumulation_groups(train_batches(run.data), cfg.train.accum_steps):
+        run.watchdog.progress(f"step {state.step + 1}")
+        try:
+            # One optimizer step over train.accum_steps micro-batches, whose loss spans all of
+            # them; outputs: image_emb, text_emb, logit_scale[, logit_bias].
+            loss, outputs = train_step(engine, run.loss_fn, micro_batches, device, dtype)
+        except NonFiniteLoss as bad:
+            bad_in_a_row += 1
+            state = skip_step(cfg, run, state, epoch, index, bad, bad_in_a_row)
+        else:
+            bad_in_a_row = 0
+            state = TrainState(state.step + 1, epoch, index + 1, state.samples_seen + batch_size, state.nonfinite_steps)
+            meter.add(loss.detach(), batch_size)
+            last_step = state.step == cfg.train.max_steps
+            with meter.paused():
+                if due(state.step, cfg.logging.log_every) or last_step:
+                    metrics = log_step(cfg, run, meter, state, epoch, logit_scale=outputs[2])
+                if last_step:
+                    break
+                if due(state.step, cfg.eval.every_steps):
+                    run.watchdog.progress(f"eval after step {state.step}")
+                    run.logger.log(evaluate(cfg, env, engine, device), state.step, state.samples_seen)
+                if due(state.step, cfg.train.checkpoint_every):
+                    saved = checkpoint(run, state)
+        signalled = run.stop.agreed(device)  # collective: every rank stops after the same step
+        if signalled:
+            return stop_on_signal(run, state, saved, signalled)
+    checkpoint(run, state)
+    return finish(cfg, env, run, state, metrics, meter)
+
+
+def skip_step(cfg: Config, run: Components, state: TrainState, epoch: int, index: int, bad: NonFiniteLoss, in_a_row: int) -> TrainState:
+    """Count a step skipped for a NaN/inf loss (no update was made; its batch is consumed, so a
+    resumed run skips it too); too many in a row stop the run with a checkpoint."""
+    state = dataclasses.replace(state, epoch=epoch, step_in_epoch=index + 1, nonfinite_steps=state.nonfinite_steps + 1)
+    log.warning("step %d skipped: %s (%d in a row, %d in all)", state.step + 1, bad, in_a_row, state.nonfinite_steps)
+    if in_a_row >= cfg.train.max_bad_steps:
+        path = run.checkpointer.save(run.engine, state, run.data.state_dict())
+        raise TrainingStopped(
+            f"train.max_bad_steps={cfg.train.max_bad_steps}: {in_a_row} steps in a row had a NaN/inf loss "
+            f"(the last {bad}); stopped after step {state.step}, its weights saved in {path}"
+        )
+    return state
+
+
+def log_step(cfg: Config, run: Components, meter: ThroughputMeter, state: TrainState, epoch: int, logit_scale: torch.Tensor) -> Dict[str, float]:
+    metrics = meter.flush(run.engine, logit_scale=logit_scale)
+    metrics.update(run.data.stats.global_metrics(all_reduce_sum), **{"data/epoch": epoch})
+    metrics["train/nonfinite_steps"] = state.nonfinite_steps
+    run.logger.log({**metrics, "train/samples_seen": state.samples_seen}, state.step)
+    run.logger.progress(state.step, cfg.train.max_steps, metrics)
+    return metrics
+
+
+def stop_on_signal(run: Components, state: TrainState, saved: TrainState, signalled: int) -> Dict[str, Any]:
+    """Checkpoint (unless this very state is saved) and end the loop; train() requeues."""
+    if saved != state:
+        saved = checkpoint(run, state)
+    reason = f"{run.stop.received} on this rank" if run.stop.received else "a stop signal on a peer"
+    log.warning("stopping after step %d: %s (%d rank(s) signalled); checkpoint of step %d", state.step, reason, signalled, saved.step)
+    return {"preempted": True, "stop_reason": reason, "train_state": asdict(state)}
+
+
+def finish(cfg: Config, env: DistEnv, run: Components, state: TrainState, metrics: Dict[str, float], meter: ThroughputMeter) -> Dict[str, Any]:
+    """Final evaluation, data counts and summary.json."""
     run.watchdog.progress("final eval")
-    eval_metrics = evaluate(cfg, env, engine, device)
+    eval_metrics = evaluate(cfg, env, run.engine, run.device)
     run.logger.log(eval_metrics, state.step, state.samples_seen)
     data_metrics = run.data.stats.global_metrics(all_reduce_sum)
     log.info("data: %s", describe_counts(data_metrics))
