@@ -232,7 +232,7 @@ def main(argv: List[str] | None = None) -> None:
     ranks = run_ranks([rank_command(args, rank) for rank in range(WORLD_SIZE)], envs, "overhead benchmark")
     summary = summarise(ranks, args.warmup_rounds)
     result = {
-        "machine": {**describe_machine(), "device": "cpu", "note": "measured while other jobs shared the cores; see round_ratios"},
+        "machine": {**describe_machine(), "device": "cpu", "load_average_at_start": os.getloadavg()[0]},
         "world_size": WORLD_SIZE,
         "threads_per_rank": args.threads,
         "config": ["+experiment=tiny", *args.override],
