@@ -138,6 +138,7 @@ class TrainConfig:
     # data.local_batch × world_size × train.accum_steps.
     global_batch: Optional[int] = None
     checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 0  # the newest N complete checkpoints stay, older ones go; 0: all stay
     # "auto": the newest complete checkpoint of this run if there is one, else a fresh start
     # (what a requeued Slurm job needs); "latest": that checkpoint, which must exist; or a
     # checkpoint directory.
@@ -262,6 +263,7 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True, training:
     _require(cfg.train.accum_steps >= 1, "train.accum_steps", f"must be >= 1, got {cfg.train.accum_steps}")
     _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
     _require(cfg.train.fault_timeout_s > 0, "train.fault_timeout_s", f"must be > 0, got {cfg.train.fault_timeout_s}")
+    _require(cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {cfg.train.keep_checkpoints}")
     _require(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {cfg.train.max_bad_steps}")
     _require(0.0 <= cfg.model.patch_dropout < 1.0, "model.patch_dropout", f"must be in [0, 1), got {cfg.model.patch_dropout}")
     _require(

@@ -150,7 +150,7 @@ def build_components(
         accum_steps=cfg.train.accum_steps,
         keys_file=run_dir / "keys" / f"rank{env.rank:05d}.txt" if cfg.data.record_keys else None,
     )
-    checkpointer = Checkpointer(run_dir / "checkpoints", env.rank)
+    checkpointer = Checkpointer(run_dir / "checkpoints", env.rank, keep=cfg.train.keep_checkpoints)
     resume_from = checkpointer.resolve(cfg.train.resume)
     return Components(
         engine=engine,

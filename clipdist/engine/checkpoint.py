@@ -44,9 +44,10 @@ def _barrier() -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | os.PathLike, rank: int):
+    def __init__(self, directory: str | os.PathLike, rank: int, keep: int = 0):
         self.directory = Path(directory)
         self.rank = rank
+        self.keep = keep  # train.keep_checkpoints
 
     def save(self, engine, state: TrainState, data_position: dict) -> Path:
         """Collective: every rank must call it at the same step. Each rank's data position (its
@@ -67,6 +68,7 @@ class Checkpointer:
             os.replace(partial, self.directory / tag)
             fsync_directory(self.directory)
             write_text_atomically(self.directory / LATEST, tag)
+            prune_checkpoints(self.directory, self.keep)
         _barrier()
         return self.directory / tag
 
@@ -122,6 +124,26 @@ class Checkpointer:
             restore_rng_state(torch.load(rng_path, weights_only=False))
         log.info("resumed from %s at step %d", path, state.step)
         return state, json.loads(position_path.read_text())
+
+
+def prune_checkpoints(directory: Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints (0: keep all); never the one
+    `latest` names. Returns the names deleted. Runs after `latest` moved on, so a kill midway
+    leaves only extra old checkpoints behind."""
+    if keep <= 0:
+        return []
+    latest = (directory / LATEST).read_text().strip()
+    complete = sorted((p for p in directory.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)), key=checkpoint_order)
+    doomed = [p for p in complete[: max(0, len(complete) - keep)] if p.name != latest]
+    for path in doomed:
+        shutil.rmtree(path)
+    return [p.name for p in doomed]
+
+
+def checkpoint_order(path: Path) -> tuple[int, int]:
+    """step_00000005 < step_00000005.1 < step_00000006."""
+    step, _, n = path.name.removeprefix("step_").partition(".")
+    return int(step), int(n or 0)
 
 
 def rng_state() -> dict:
