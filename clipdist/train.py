@@ -77,8 +77,9 @@ def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]
                 release(run)  # every rank stopped together: a clean collective teardown
                 raise
             release(run)
-        if summary.get("preempted") and cfg.train.requeue and env.rank == 0:
-            log.info("%s", requeue_slurm_job() or "not under Slurm: restart with train.resume=auto to continue")
+            if summary.get("preempted") and cfg.train.requeue and env.rank == 0:
+                # Still under our handlers: the requeue SIGTERMs this job's processes at once.
+                log.info("%s", requeue_slurm_job() or "not under Slurm: restart with train.resume=auto to continue")
         return summary
     except Exception as error:
         if env.world_size > 1 and is_peer_failure(error):
