@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from typing import Dict, Mapping, Optional, Tuple
@@ -30,7 +29,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from clipdist.distributed import all_reduce_sum, get_rank
+from clipdist.distributed import DistEnv, all_reduce_sum, get_rank
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +80,10 @@ def requeue_slurm_job(environ: Mapping[str, str] = os.environ) -> Optional[str]:
 
     Returns what happened, for the log. Slurm then sends SIGTERM to every process of the job, and
     SIGKILL after its KillWait, so the caller should exit promptly."""
-    job = environ.get("SLURM_ARRAY_JOB_ID") and f"{environ['SLURM_ARRAY_JOB_ID']}_{environ.get('SLURM_ARRAY_TASK_ID')}"
-    job = job or environ.get("SLURM_JOB_ID")
+    if "SLURM_ARRAY_JOB_ID" in environ:  # an array task is requeued by its own id, not the array's
+        job = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ.get('SLURM_ARRAY_TASK_ID')}"
+    else:
+        job = environ.get("SLURM_JOB_ID")
     if not job:
         return None
     try:
@@ -149,6 +150,11 @@ class Watchdog:
         self._beats = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clipdist-watchdog", daemon=True)
+
+    @classmethod
+    def for_env(cls, timeout_s: float, env: DistEnv) -> Watchdog:
+        """Heartbeats through the launcher's rendezvous store (MASTER_ADDR:MASTER_PORT)."""
+        return cls(timeout_s, env.rank, env.world_size, env.master_addr, env.master_port)
 
     def start(self) -> Watchdog:
         if self.world_size > 1:
@@ -222,8 +228,7 @@ class Watchdog:
 
     def _abort(self, message: str) -> None:
         line = f"clipdist: rank {self.rank}: peer fault: {message}; exiting with status {PEER_FAULT_EXIT}"
-        log.error(line)
-        print(line, file=sys.stderr, flush=True)
+        log.error(line)  # logging flushes each record, so the line survives os._exit
         # The main thread is blocked in a collective that will not return: only _exit ends it.
         os._exit(PEER_FAULT_EXIT)
 

@@ -67,7 +67,7 @@ def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]
     """Train to train.max_steps, or until a stop signal (then checkpoint and requeue)."""
     cfg.deepspeed = effective_precision(cfg.deepspeed)
     init_distributed(env)
-    watchdog = Watchdog(cfg.train.fault_timeout_s, env.rank, env.world_size, env.master_addr, env.master_port).start()
+    watchdog = Watchdog.for_env(cfg.train.fault_timeout_s, env).start()
     try:
         with StopSignals() as stop:
             run = build_components(cfg, env, resolved, stop, watchdog)
@@ -170,7 +170,7 @@ def build_components(
         ),
         device=device,
         stop=stop or StopSignals(),
-        watchdog=watchdog or Watchdog(cfg.train.fault_timeout_s, env.rank, env.world_size, env.master_addr, env.master_port),
+        watchdog=watchdog or Watchdog.for_env(cfg.train.fault_timeout_s, env),
     )
 
 
@@ -230,7 +230,8 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
                     run.watchdog.progress(f"eval after step {state.step}")
                     run.logger.log(evaluate(cfg, env, engine, device), state.step, state.samples_seen)
                 if due(state.step, cfg.train.checkpoint_every):
-                    saved = checkpoint(run, state)
+                    checkpoint(run, state)
+                    saved = state
         signalled = run.stop.agreed(device)  # collective: every rank stops after the same step
         if signalled:
             return stop_on_signal(run, state, saved, signalled)
@@ -244,7 +245,7 @@ def skip_step(cfg: Config, run: Components, state: TrainState, epoch: int, index
     state = dataclasses.replace(state, epoch=epoch, step_in_epoch=index + 1, nonfinite_steps=state.nonfinite_steps + 1)
     log.warning("step %d skipped: %s (%d in a row, %d in all)", state.step + 1, bad, in_a_row, state.nonfinite_steps)
     if in_a_row >= cfg.train.max_bad_steps:
-        path = run.checkpointer.save(run.engine, state, run.data.state_dict())
+        path = checkpoint(run, state)
         raise TrainingStopped(
             f"train.max_bad_steps={cfg.train.max_bad_steps}: {in_a_row} steps in a row had a NaN/inf loss "
             f"(the last {bad}); stopped after step {state.step}, its weights saved in {path}"
@@ -264,7 +265,8 @@ def log_step(cfg: Config, run: Components, meter: ThroughputMeter, state: TrainS
 def stop_on_signal(run: Components, state: TrainState, saved: TrainState, signalled: int) -> Dict[str, Any]:
     """Checkpoint (unless this very state is saved) and end the loop; train() requeues."""
     if saved != state:
-        saved = checkpoint(run, state)
+        checkpoint(run, state)
+        saved = state
     reason = f"{run.stop.received} on this rank" if run.stop.received else "a stop signal on a peer"
     log.warning("stopping after step %d: %s (%d rank(s) signalled); checkpoint of step %d", state.step, reason, signalled, saved.step)
     return {"preempted": True, "stop_reason": reason, "train_state": asdict(state)}
@@ -284,13 +286,13 @@ def finish(cfg: Config, env: DistEnv, run: Components, state: TrainState, metric
     return summary
 
 
-def checkpoint(run: Components, state: TrainState) -> TrainState:
+def checkpoint(run: Components, state: TrainState) -> Path:
     """Save, with the watchdog told before and after (a large save takes a while); returns the
-    state saved."""
+    checkpoint's directory."""
     run.watchdog.progress(f"checkpoint of step {state.step}")
-    run.checkpointer.save(run.engine, state, run.data.state_dict())
+    path = run.checkpointer.save(run.engine, state, run.data.state_dict())
     run.watchdog.progress(f"checkpoint of step {state.step} written")
-    return state
+    return path
 
 
 def due(step: int, every: int) -> bool:

@@ -58,10 +58,8 @@ class Checkpointer:
             shutil.rmtree(partial)  # left by a save that was killed
         _barrier()
         engine.save_checkpoint(str(self.directory), tag=partial.name, client_state={"train_state": asdict(state)}, save_latest=False)
-        self._per_rank_path(partial, "data", "json").parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(self._per_rank_path(partial, "data", "json"), json.dumps(data_position, indent=1))
-        self._per_rank_path(partial, "rng", "pt").parent.mkdir(parents=True, exist_ok=True)
-        with replaced_atomically(self._per_rank_path(partial, "rng", "pt")) as tmp:
+        write_text_atomically(self._new_rank_file(partial, "data", "json"), json.dumps(data_position, indent=1))
+        with replaced_atomically(self._new_rank_file(partial, "rng", "pt")) as tmp:
             torch.save(rng_state(), tmp)
         _barrier()
         if self.rank == 0:
@@ -103,6 +101,11 @@ class Checkpointer:
 
     def _per_rank_path(self, checkpoint: Path, kind: str, suffix: str) -> Path:
         return checkpoint / kind / f"rank{self.rank:05d}.{suffix}"
+
+    def _new_rank_file(self, checkpoint: Path, kind: str, suffix: str) -> Path:
+        path = self._per_rank_path(checkpoint, kind, suffix)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def data_position_path(self, checkpoint: Path) -> Path:
         return self._per_rank_path(checkpoint, "data", "json")
