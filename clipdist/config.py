@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -74,6 +75,12 @@ class SourceConfig:
     urls: str = ""  # brace pattern; several joined with '::'
     weight: float = 1.0  # share of the samples drawn in data.mode=resampled
     name: Optional[str] = None  # in logs (data/mix/<name>); default: source<i>
+    # The shards' sample counts, when they are not beside the shards: a clipdist index or an
+    # OpenCLIP sizes.json (path or URL). Default: looked up beside the shards (data/counts.py).
+    index: Optional[str] = None
+    # The source's total, shared equally by its shards when nothing else gives counts
+    # (OpenCLIP's --train-num-samples habit). data.mode=resampled only.
+    samples: Optional[int] = None
 
 
 DATA_MODES = ("exact", "resampled")
@@ -85,6 +92,8 @@ class DataConfig:
     # One source, the common case. data.sources lists several (with weights) instead.
     train_urls: Optional[str] = "data/digits/train-{000000..000003}.tar"
     sources: List[SourceConfig] = field(default_factory=list)
+    train_index: Optional[str] = None  # data.train_urls' index (see SourceConfig.index)
+    train_samples: Optional[int] = None  # data.train_urls' total (see SourceConfig.samples)
     # exact: every sample once per epoch over all ranks and workers (the tail that cannot fill
     # a global batch is dropped, a different one each epoch). resampled: shards drawn with
     # replacement by source weight, samples_per_epoch samples per epoch.
@@ -93,6 +102,9 @@ class DataConfig:
     local_batch: int = 64
     num_workers: int = 0
     shuffle_buffer: int = 256
+    # Attempts after a transient read failure (dropped connection, failing pipe), with backoff
+    # 0.5, 1, 2 ... s, before the shard's unread samples are counted as missing or truncated.
+    retries: int = 3
     # Write "step key key ..." lines per rank to <output_dir>/keys/ (audits, resume checks).
     record_keys: bool = False
     # Written on first use when the train shards are absent (the digits quickstart).
@@ -242,7 +254,8 @@ def is_local(url: str) -> bool:
 
 
 def missing_local_shards(pattern: str) -> List[str]:
-    return [u for u in expand_urls(pattern) if is_local(u) and not glob.glob(u)]
+    # os.path.exists first: a glob per URL costs seconds over 100,000 shards.
+    return [u for u in expand_urls(pattern) if is_local(u) and not os.path.exists(u) and not glob.glob(u)]
 
 
 def validate(cfg: Config, world_size: int, *, check_data: bool = True, training: bool = True) -> None:
@@ -327,13 +340,16 @@ def validate_eval(cfg: EvalConfig, *, check_files: bool) -> None:
 
 def train_sources(cfg: DataConfig) -> List[SourceConfig]:
     """data.sources, or data.train_urls as a single source; each with its display name."""
-    sources = cfg.sources or ([SourceConfig(urls=cfg.train_urls)] if cfg.train_urls else [])
-    return [SourceConfig(s.urls, s.weight, s.name or f"source{i}") for i, s in enumerate(sources)]
+    sources = cfg.sources or ([SourceConfig(cfg.train_urls, index=cfg.train_index, samples=cfg.train_samples)] if cfg.train_urls else [])
+    return [SourceConfig(s.urls, s.weight, s.name or f"source{i}", s.index, s.samples) for i, s in enumerate(sources)]
 
 
-def source_key(cfg: DataConfig, index: int) -> str:
-    """The config key of a source, for error messages."""
-    return f"data.sources[{index}]" if cfg.sources else "data.train_urls"
+def source_key(cfg: DataConfig, index: int, field: str = "") -> str:
+    """The config key of a source's field, for error messages (data.train_urls, data.train_index,
+    data.sources[1].urls ...); ``field=""`` names the source itself."""
+    if not cfg.sources:
+        return f"data.train_{field or 'urls'}"
+    return f"data.sources[{index}]" + (f".{field}" if field else "")
 
 
 def validate_data(cfg: DataConfig, *, check_files: bool) -> None:
@@ -348,9 +364,15 @@ def validate_data(cfg: DataConfig, *, check_files: bool) -> None:
     _require(cfg.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     names = [s.name for s in sources]
     _require(len(set(names)) == len(names), "data.sources", f"source names must differ, got {names}")
+    _require(cfg.retries >= 0, "data.retries", f"must be >= 0, got {cfg.retries}")
+    _require(
+        not cfg.sources or (cfg.train_index is None and cfg.train_samples is None),
+        "data.train_index" if cfg.train_index is not None else "data.train_samples",
+        "belongs to data.train_urls; with data.sources, set data.sources[i].index / .samples",
+    )
     for i, source in enumerate(sources):
         key = source_key(cfg, i)
-        _require(bool(source.urls), f"{key}.urls" if cfg.sources else key, "is empty")
+        _require(bool(source.urls), source_key(cfg, i, "urls"), "is empty")
         _require(source.weight > 0, f"{key}.weight", f"must be > 0, got {source.weight}")
         if cfg.mode == "exact" and len(sources) > 1:
             _require(
@@ -358,11 +380,22 @@ def validate_data(cfg: DataConfig, *, check_files: bool) -> None:
                 f"{key}.weight",
                 "weights apply to data.mode=resampled; exact mode reads every sample once, so its mix is the sources' sizes",
             )
+        if source.samples is not None:
+            samples_key = source_key(cfg, i, "samples")
+            _require(source.samples >= 1, samples_key, f"must be >= 1, got {source.samples}")
+            _require(
+                cfg.mode == "resampled",
+                samples_key,
+                "a total shared equally by the shards applies to data.mode=resampled only: exact mode reads every sample "
+                "once, so it needs each shard's own count (write an index: python -m clipdist.data.index '<shards>')",
+            )
         if check_files:
             # A few missing shards are skipped and counted by the loader; none at all is a mistake.
             urls = [u for u in expand_urls(source.urls) if is_local(u)]
             missing = missing_local_shards(source.urls)
             _require(not urls or len(missing) < len(urls), key, f"no shard matches a file ({len(missing)} missing, first: {missing[0] if missing else ''})")
+            if source.index and is_local(source.index):
+                _require(Path(source.index).is_file(), source_key(cfg, i, "index"), f"no such file: {source.index}")
     if cfg.samples_per_epoch is not None:
         _require(cfg.mode == "resampled", "data.samples_per_epoch", "applies to data.mode=resampled only")
         _require(cfg.samples_per_epoch >= 1, "data.samples_per_epoch", "must be >= 1")

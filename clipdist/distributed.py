@@ -13,12 +13,13 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
@@ -279,6 +280,32 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def computed_on_rank_zero(fn: Callable[[], T]) -> T:
+    """``fn()`` run by rank 0 alone and its result sent to every rank: work that is the same for
+    all ranks but costly or rude to repeat on each (reading a dataset's index over the network).
+    When it raises, every rank raises: a ValueError as itself, anything else as a RuntimeError
+    naming it (rank 0 re-raises the original), so no rank is left waiting. Without a process
+    group each caller runs ``fn`` itself."""
+    if get_world_size() == 1:
+        return fn()
+    outcome: list = [None]
+    failure: BaseException | None = None
+    if get_rank() == 0:
+        try:
+            outcome[0] = (True, fn())
+        except Exception as error:  # every kind must reach the other ranks
+            failure = error
+            shared = error if isinstance(error, ValueError) else RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
+            outcome[0] = (False, shared)
+    dist.broadcast_object_list(outcome, src=0)
+    ok, value = outcome[0]
+    if failure is not None:
+        raise failure
+    if not ok:
+        raise value
+    return value
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

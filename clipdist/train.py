@@ -23,7 +23,7 @@ import torch
 
 from clipdist.cli import start
 from clipdist.config import Config, global_batch
-from clipdist.data import TrainData, describe_counts, ensure_data
+from clipdist.data import DataError, TrainData, describe_counts, ensure_data
 from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from clipdist.engine import Checkpointer, TrainState, accumulation_groups, build_engine, effective_precision, input_dtype, train_step
 from clipdist.eval import EvalShape, run_evals, summary_fields
@@ -60,6 +60,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingStopped as stopped:
         log.error("clipdist: %s", stopped)
         return 1
+    except DataError as error:  # found before the first step: the data cannot be used as configured
+        log.error("clipdist: data error: %s", error)
+        return 2
     return 0
 
 
@@ -150,6 +153,7 @@ def build_components(
         seed=cfg.train.seed,
         accum_steps=cfg.train.accum_steps,
         keys_file=run_dir / "keys" / f"rank{env.rank:05d}.txt" if cfg.data.record_keys else None,
+        counts_file=run_dir / "shard_counts.json",
     )
     checkpointer = Checkpointer(run_dir / "checkpoints", env.rank, keep=cfg.train.keep_checkpoints)
     resume_from = checkpointer.resolve(cfg.train.resume)
@@ -255,7 +259,7 @@ def skip_step(cfg: Config, run: Components, state: TrainState, epoch: int, index
 
 def log_step(cfg: Config, run: Components, meter: ThroughputMeter, state: TrainState, epoch: int, logit_scale: torch.Tensor) -> Dict[str, float]:
     metrics = meter.flush(run.engine, logit_scale=logit_scale)
-    metrics.update(run.data.stats.global_metrics(all_reduce_sum), **{"data/epoch": epoch})
+    metrics.update(run.data.global_metrics(all_reduce_sum), **{"data/epoch": epoch})
     metrics["train/nonfinite_steps"] = state.nonfinite_steps
     run.logger.log({**metrics, "train/samples_seen": state.samples_seen}, state.step)
     run.logger.progress(state.step, cfg.train.max_steps, metrics)
@@ -277,7 +281,7 @@ def finish(cfg: Config, env: DistEnv, run: Components, state: TrainState, metric
     run.watchdog.progress("final eval")
     eval_metrics = evaluate(cfg, env, run.engine, run.device)
     run.logger.log(eval_metrics, state.step, state.samples_seen)
-    data_metrics = run.data.stats.global_metrics(all_reduce_sum)
+    data_metrics = run.data.global_metrics(all_reduce_sum)
     log.info("data: %s", describe_counts(data_metrics))
     summary = summarize(cfg, env, state, metrics, eval_metrics, meter)
     summary["data"] = data_metrics

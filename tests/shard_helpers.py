@@ -35,6 +35,21 @@ def caption_of(index: int) -> str:
     return f"sample number {index}"
 
 
+def coded_sample(index: int, with_class: bool = False) -> dict:
+    """Sample ``index``: key f"{index:09d}", coded image ``index``, caption ``index``."""
+    sample = {"__key__": f"{index:09d}", "png": png_bytes(coded_image(index)), "txt": caption_of(index)}
+    if with_class:
+        sample["cls"] = index
+    return sample
+
+
+def write_shard_set(out_dir: str, prefix: str, num_shards: int, shard_size: int) -> str:
+    """Coded samples 0.. in equal shards PREFIX-000000.tar ... with one PREFIX-index.json, as the
+    shard writer lays them out; returns the shards' brace pattern."""
+    write_samples((coded_sample(i) for i in range(num_shards * shard_size)), out_dir, prefix, shard_size=shard_size)
+    return os.path.join(out_dir, f"{prefix}-{{000000..{num_shards - 1:06d}}}.tar")
+
+
 def write_indexed_shards(out_dir: str, prefix: str, sizes: list[int], with_class: bool = False, first: int = 0) -> str:
     """Shards of the given sizes where sample i (from ``first`` on) has key f"{i:09d}", coded
     image i and caption i; returns their brace pattern."""
@@ -42,10 +57,7 @@ def write_indexed_shards(out_dir: str, prefix: str, sizes: list[int], with_class
     for shard, size in enumerate(sizes):
         samples = []
         for _ in range(size):
-            sample = {"__key__": f"{index:09d}", "png": png_bytes(coded_image(index)), "txt": caption_of(index)}
-            if with_class:
-                sample["cls"] = index
-            samples.append(sample)
+            samples.append(coded_sample(index, with_class))
             index += 1
         # One call per shard so the sizes are exactly as asked; the index is rewritten each time.
         write_samples(samples, out_dir, f"{prefix}{shard}", shard_size=size)
@@ -60,7 +72,7 @@ def key_index(key: str) -> int:
 
 
 def corrupt(index: int, kind: str) -> dict:
-    sample = {"__key__": f"{index:09d}", "png": png_bytes(coded_image(index)), "txt": caption_of(index)}
+    sample = coded_sample(index)
     if kind == "bad_image":
         sample["png"] = sample["png"][: len(sample["png"]) // 2]  # truncated PNG
     elif kind == "garbage_image":

@@ -121,3 +121,20 @@ def test_fault_and_speed_settings_name_the_key(override, key):
 def test_patch_dropout_is_for_vit_towers():
     message = config_error(["+experiment=digits", "model.patch_dropout=0.5"])
     assert message == "model.patch_dropout: drops ViT patches; model.vision.arch is resnet"
+
+
+@pytest.mark.parametrize(
+    "overrides, key, says",
+    [
+        (["data.retries=-1"], "data.retries", "must be >= 0"),
+        (["data.train_samples=1000"], "data.train_samples", "resampled only"),  # exact mode needs per-shard counts
+        (["data.mode=resampled", "data.train_samples=0"], "data.train_samples", "must be >= 1"),
+        (["data.train_urls=tests/fixtures/img2dataset/00000.tar", "data.train_index=/no/such/index.json"], "data.train_index",
+         "no such file"),
+        (["data.train_urls=null", "+data.sources=[{urls: 'a.tar'}]", "data.train_index=i.json"], "data.train_index",
+         "data.sources[i].index"),
+    ],
+)
+def test_remote_data_settings_name_the_key(overrides, key, says):
+    message = config_error(["+experiment=tiny", "data.generate_digits=false", *overrides])
+    assert message.startswith(f"{key}:") and says in message, message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +203,59 @@ def test_resume_from_a_saved_position_continues_the_same_stream(tmp_path, mode):
         assert r["saved"]["epoch"] == 0 and r["saved"]["next_batch"] == 5 and len(r["saved"]["streams"]) == 2
         assert all(s["shard"] and s["sample_offset"] >= 0 for s in r["saved"]["streams"])
         assert "num_workers 2 → 1" in r["workers_error"] and "\n" not in r["workers_error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint after every step of an epoch
+
+
+def _every_resume_point(rank: int, world_size: int, shard_dir: str, keys_dir: str) -> dict:
+    """For each mode and data.num_workers 0-3: the keys recorded (data.record_keys) by an
+    uninterrupted epoch + 1 batch, and by launch pairs interrupted after each step k and resumed
+    from the saved position, both launches recording into one file."""
+    out = {}
+    for mode in ("exact", "resampled"):
+        for workers in range(4):
+            extra = {"mode": mode, "samples_per_epoch": 48} if mode == "resampled" else {}
+            cfg = two_sources(shard_dir, local_batch=4, num_workers=workers, shuffle_buffer=8, **extra)
+            name = f"{keys_dir}/{mode}-w{workers}"
+
+            def launch(keys_file: str) -> TrainData:
+                return TrainData(cfg, image_size=8, context_length=16, rank=rank, world_size=world_size, seed=0,
+                                 keys_file=Path(keys_file))
+
+            reference = launch(f"{name}-reference-rank{rank}.txt")
+            take(iter(reference), 7)  # the epoch's 6 batches and the next epoch's first
+            steps = len(reference.loader)
+            for k in range(1, steps + 1):
+                keys_file = f"{name}-k{k}-rank{rank}.txt"
+                first = launch(keys_file)
+                take(iter(first), k)
+                saved = json.loads(json.dumps(first.state_dict()))  # the crash of issue 13 was here
+                second = launch(keys_file)
+                second.load_state_dict(saved)
+                take(iter(second), steps + 1 - k)
+            out[f"{mode}-w{workers}"] = steps
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_checkpoint_after_any_step_resumes_exactly(tmp_path):
+    """48 samples, local batch 4 × 2 ranks: 6 steps an epoch. With W loader workers a stream is
+    done up to W - 1 steps before the epoch ends; a checkpoint there used to crash
+    (describe_stream). Reference: the uninterrupted launch's recorded keys (data.record_keys):
+    the two launches around each of the 6 resume points record exactly the same lines, in both
+    modes, for data.num_workers 0 to 3: nothing repeated, nothing skipped."""
+    shard_dir, keys_dir = tmp_path / "shards", tmp_path / "keys"
+    shard_dir.mkdir()
+    keys_dir.mkdir()
+    write_two_sources(str(shard_dir))
+    ranks = run_distributed(_every_resume_point, world_size=2, args=(str(shard_dir), str(keys_dir)), timeout=380)
+    assert all(steps == 6 for r in ranks for steps in r.values()) and len(ranks[0]) == 8
+    for reference in sorted(keys_dir.glob("*-reference-rank*.txt")):
+        expected = reference.read_text().splitlines()
+        assert len(expected) == 7
+        for k in range(1, 7):
+            resumed = reference.with_name(reference.name.replace("-reference-", f"-k{k}-"))
+            assert resumed.read_text().splitlines() == expected, f"{resumed.name}: resumed after step {k}"

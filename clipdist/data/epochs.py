@@ -17,8 +17,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from clipdist.config import DataConfig, train_sources
-from clipdist.data.pipeline import SKIP_REASONS, Batch, TrainLoader, build_train_loader, check_sources_readable
-from clipdist.data.sources import dataset_fingerprint, source_shards
+from clipdist.data.counts import SourceCounts, load_cached_counts, save_cached_counts
+from clipdist.data.pipeline import SKIP_REASONS, Batch, TrainLoader, build_train_loader, check_sources_readable, count_sources
+from clipdist.data.sources import dataset_fingerprint
+from clipdist.distributed import computed_on_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,19 @@ def describe_counts(metrics: dict[str, float]) -> str:
     return f"{int(metrics['data/rows'])} rows trained; replaced: {', '.join(skipped) or 'none'}; mix: {', '.join(mix)}"
 
 
+def plan_sources(cfg: DataConfig, image_size: int, seed: int, counts_file: Optional[Path]) -> list[SourceCounts]:
+    """Every source's shards with their counts, and a check that each source can be read at all.
+    Run by rank 0 alone (computed_on_rank_zero); counts found by reading shards or per-shard stats
+    files are kept in ``counts_file``, so a requeued or resumed run does not look again."""
+    cache = load_cached_counts(counts_file)
+    counted = count_sources(cfg, cache)
+    for c in counted:
+        cache.update(c.newly_counted)
+    save_cached_counts(counts_file, cache)
+    check_sources_readable(cfg, [c.shards for c in counted], image_size, seed)
+    return counted
+
+
 class TrainData:
     """Endless batches of one rank, epoch after epoch, from a saved position or the start.
 
@@ -84,12 +99,16 @@ class TrainData:
         seed: int,
         accum_steps: int = 1,
         keys_file: Optional[Path] = None,
+        counts_file: Optional[Path] = None,
     ):
         self.cfg, self.rank, self.world_size, self.seed, self.accum_steps = cfg, rank, world_size, seed, accum_steps
         self.image_size, self.context_length = image_size, context_length
         self.sources = train_sources(cfg)
-        self.fingerprint = dataset_fingerprint(self.sources, source_shards(self.sources))
-        check_sources_readable(cfg, image_size)
+        counted = computed_on_rank_zero(lambda: plan_sources(cfg, image_size, seed, counts_file))
+        self.shards = [c.shards for c in counted]
+        # Shards found missing or cut while counting them (no index): their lost samples are unknown.
+        self.counting_problems = Counter(problem for c in counted for problem in c.problems.values())
+        self.fingerprint = dataset_fingerprint(self.sources, self.shards)
         self.stats = DataStats([s.name for s in self.sources])
         self.epoch, self.next_batch = 0, 0
         self.loader: Optional[TrainLoader] = None
@@ -106,6 +125,7 @@ class TrainData:
             epoch=epoch,
             start_step=start,
             accum_steps=self.accum_steps,
+            shards=self.shards,
         )
 
     def __iter__(self) -> Iterator[Batch]:
@@ -127,6 +147,13 @@ class TrainData:
                 self.record_keys(batch)
                 yield batch
             self.epoch, self.next_batch = self.epoch + 1, 0
+
+    def global_metrics(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """DataStats.global_metrics (a collective), plus data/counting/<problem>: shards found
+        missing or truncated while counting them, whose lost samples nobody can know."""
+        metrics = self.stats.global_metrics(all_reduce_sum)
+        metrics.update({f"data/counting/{problem}": n for problem, n in sorted(self.counting_problems.items())})
+        return metrics
 
     def record_keys(self, batch: Batch) -> None:
         if self.keys_file is None:

@@ -31,29 +31,21 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipdist.config import DataConfig, expand_urls, missing_local_shards, source_key, train_sources
-from clipdist.data.sources import (
-    Shard,
-    ShardDraws,
-    epoch_shard_order,
-    first_readable_samples,
-    locate,
-    read_positions,
-    shard_sample_counts,
-    source_shards,
-)
-from clipdist.data.sources import iter_shard
+from clipdist.config import DataConfig, expand_urls, is_local, missing_local_shards, source_key, train_sources
+from clipdist.data.counts import DataError, count_all, shard_sample_counts
+from clipdist.data.sources import UNINDEXED, Shard, ShardDraws, epoch_shard_order, first_readable_samples, iter_shard, locate, read_positions
 from clipdist.data.transforms import load_image
 
 __all__ = ["Batch", "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader", "ensure_data", "iter_shard",
@@ -65,7 +57,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # Why a row was replaced, in the order logs and checkpoints list them. "padded" counts the
 # duplicate rows that took the place of bad ones.
-SKIP_REASONS = ("bad_image", "no_image", "no_caption", "bad_caption", "missing_shard", "truncated_shard", "padded")
+SKIP_REASONS = ("bad_image", "no_image", "no_caption", "bad_caption", "missing_shard", "truncated_shard", UNINDEXED, "padded")
 DRAW_TAG = 1 << 30  # keeps the draw seeds apart from the shuffle seeds (window indices stay below it)
 LOGGED_BAD_SAMPLES = 20  # per process; the rest are counted, not logged
 
@@ -105,6 +97,7 @@ class RankPlan:
     num_streams: int  # = max(1, num_workers)
     window_batches: int  # shuffle window, in batches
     seed: Optional[tuple[int, ...]]  # (seed, epoch, rank); None: read in order (eval)
+    retries: int = 0  # per shard read, after transient failures (data.retries)
 
     def stream_batches(self, stream: int) -> range:
         return range(stream, self.num_batches, self.num_streams)
@@ -148,7 +141,7 @@ class RankPlan:
         first = self.batches_skipped(stream)
         per_window = self.window_batches
         window_size = per_window * self.batch_size
-        samples = read_positions(self.stream_shards(stream), self.resume_position(stream), hi)
+        samples = read_positions(self.stream_shards(stream), self.resume_position(stream), hi, self.retries)
         for w in range(first // per_window, -(-num_batches // per_window)):
             window = list(itertools.islice(samples, window_size))
             if self.seed is not None:
@@ -161,11 +154,12 @@ class RankPlan:
     def describe_stream(self, stream: int) -> dict:
         """Where a stream resumes, in the terms of its shards (for the checkpoint and for people)."""
         index, shard, offset = locate(self.stream_shards(stream), self.resume_position(stream))
+        batches, skipped = self.stream_batches(stream), self.batches_skipped(stream)
         return {
             "stream": stream,
-            "next_batch": self.stream_batches(stream)[self.batches_skipped(stream)]
-            if self.start_batch < self.num_batches
-            else None,
+            # None once the stream has dealt all its batches of the epoch (its last one may come
+            # up to num_streams - 1 batches before the epoch's end).
+            "next_batch": batches[skipped] if skipped < len(batches) else None,
             "shard_index": index,
             "shard": shard.url if shard else None,
             "sample_offset": offset,
@@ -183,11 +177,21 @@ def sample_key(sample: dict) -> str:
     return f"{sample['__url__']}#{sample['__key__']}"
 
 
+def metadata(sample: dict) -> dict:
+    """The sample's ``.json`` (img2dataset: caption, url, key ...), or {} when absent or unreadable."""
+    try:
+        value = json.loads(sample["json"])
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def log_bad_sample(sample: dict, reason: str) -> None:
     global _bad_samples_logged
     _bad_samples_logged += 1
     if _bad_samples_logged <= LOGGED_BAD_SAMPLES:
-        logger.warning("skipping sample %s: %s", sample_key(sample), reason)
+        origin = metadata(sample).get("url")
+        logger.warning("skipping sample %s%s: %s", sample_key(sample), f" (from {origin})" if origin else "", reason)
         if _bad_samples_logged == LOGGED_BAD_SAMPLES:
             logger.warning("further bad samples are counted (data/skipped/* in the metrics) but not logged one by one")
 
@@ -208,10 +212,18 @@ def decode_image(sample: dict, image_size: int) -> torch.Tensor:
         raise BadSample("bad_image") from error
 
 
+def caption_bytes(sample: dict) -> bytes:
+    """``KEY.txt``, else the ``caption`` field of ``KEY.json`` (img2dataset writes both)."""
+    if "txt" in sample:
+        return sample["txt"]
+    caption = metadata(sample).get("caption")
+    return caption.encode("utf-8") if isinstance(caption, str) else b""
+
+
 def decode_caption(sample: dict) -> str:
     check_readable(sample)
     try:
-        caption = sample.get("txt", b"").decode("utf-8").strip()
+        caption = caption_bytes(sample).decode("utf-8").strip()
     except UnicodeDecodeError as error:
         raise BadSample("bad_caption") from error
     if not caption:
@@ -232,6 +244,8 @@ Row = tuple[str, torch.Tensor, str, int]  # key, image, caption, source
 def decode_rows(raw: Iterable[dict], image_size: int, skipped: Counter) -> Iterator[Row]:
     """The usable samples of ``raw``, decoded; the others are counted in ``skipped``."""
     for sample in raw:
+        if "__unindexed__" in sample:  # samples past the shard's count (sources.note_unindexed)
+            skipped[UNINDEXED] += sample["__unindexed__"]
         try:
             caption = decode_caption(sample)
             yield sample_key(sample), decode_image(sample, image_size), caption, sample.get("__source__", 0)
@@ -300,7 +314,7 @@ class TrainStream(IterableDataset):
         "the last good batch", so a resumed run pads exactly like the uninterrupted one."""
         lo, hi = self.plan.stream_slice(stream)
         skipped: Counter = Counter()
-        raw = read_positions(self.plan.stream_shards(stream), lo, hi)
+        raw = read_positions(self.plan.stream_shards(stream), lo, hi, self.plan.retries)
         rows = list(itertools.islice(decode_rows(raw, self.image_size, skipped), self.plan.batch_size))
         if not rows:
             raise ValueError(f"none of the {hi - lo} samples of loader stream {stream} is usable ({dict(skipped)})")
@@ -395,11 +409,13 @@ def build_train_loader(
     epoch: int,
     start_step: int = 0,
     accum_steps: int = 1,
+    shards: Optional[Sequence[Sequence[Shard]]] = None,
 ) -> TrainLoader:
     """One epoch of one rank's batches (of data.local_batch rows), from batch ``start_step`` on.
-    Every rank gets the same number of batches, a multiple of ``accum_steps``."""
+    Every rank gets the same number of batches, a multiple of ``accum_steps``. ``shards``: each
+    source's shards with their counts (TrainData finds them once per run); default: found here."""
     sources = train_sources(cfg)
-    shards = source_shards(sources)
+    shards = shards if shards is not None else [c.shards for c in count_sources(cfg)]
     total = sum(s.samples for group in shards for s in group)
     per_epoch = total if cfg.mode == "exact" else cfg.samples_per_epoch or total
     global_batch = cfg.local_batch * world_size * accum_steps
@@ -423,6 +439,7 @@ def build_train_loader(
         num_streams=max(1, cfg.num_workers),
         window_batches=max(1, cfg.shuffle_buffer // cfg.local_batch),
         seed=(seed, epoch, rank),
+        retries=cfg.retries,
     )
     return TrainLoader(TrainStream(plan, image_size, context_length), cfg.num_workers, dropped)
 
@@ -450,26 +467,33 @@ def build_eval_loader(
     return EvalLoader(EvalStream(plan, image_size), num_workers)
 
 
-def check_sources_readable(cfg: DataConfig, image_size: int) -> None:
-    """A source none of whose first shards yields a usable sample is a configuration mistake
-    (wrong path, wrong format), not bad data to count: say so before training starts."""
+def count_sources(cfg: DataConfig, cache: Optional[dict[str, int]] = None) -> list:
+    """Each training source's shards with their sample counts (counts.py), logged per source."""
     sources = train_sources(cfg)
-    for i, (source, group) in enumerate(zip(sources, source_shards(sources))):
-        samples, why = first_readable_samples(group)
+    keys = [source_key(cfg, i) for i in range(len(sources))]
+    return count_all(sources, keys, assume_equal=cfg.mode == "resampled", cache={} if cache is None else cache, retries=cfg.retries)
+
+
+def check_sources_readable(cfg: DataConfig, shards: Sequence[Sequence[Shard]], image_size: int, seed: int) -> None:
+    """A source none of whose first shards yields a usable sample is a configuration mistake
+    (wrong path, wrong format), not bad data to count: say so before training starts. The shards
+    tried are the first of the source's first epoch, which training opens early anyway."""
+    for i, (source, group) in enumerate(zip(train_sources(cfg), shards)):
+        samples, why = first_readable_samples(epoch_shard_order(group, seed, 0))
         skipped: Counter = Counter()
         if samples and next(decode_rows(samples, image_size, skipped), None) is None:
             why = f"{sample_key(samples[0])}: none of its first {len(samples)} samples is usable ({dict(skipped)})"
             samples = []
         if not samples:
-            raise ValueError(f"{source_key(cfg, i)} ({source.urls}): unreadable: {why}")
+            raise DataError(f"{source_key(cfg, i)} ({source.urls}): unreadable: {why}")
 
 
 def ensure_data(cfg: DataConfig) -> None:
     """With ``cfg.generate_digits``, write the digits shards into the folder of the train shards
     unless they are there and current (ensure_digits_shards checks its version file). Call it on
     one rank while the others wait."""
-    if not cfg.generate_digits:
-        return
+    if not cfg.generate_digits or not all(is_local(u) for u in expand_urls(cfg.train_urls or "")):
+        return  # remote or other shards are the user's: nothing to write
     from clipdist.data.digits import ensure_digits_shards
 
     ensure_digits_shards(os.path.dirname(expand_urls(cfg.train_urls)[0]) or ".")

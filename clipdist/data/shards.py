@@ -57,8 +57,13 @@ def read_index(out_dir: str, prefix: str) -> Optional[list[ShardInfo]]:
 
 
 def write_index(out_dir: str, prefix: str, shards: list[ShardInfo]) -> None:
-    index = {"shards": [asdict(s) for s in shards], "total": sum(s.samples for s in shards)}
-    write_text_atomically(index_path(out_dir, prefix), json.dumps(index, indent=1))
+    write_index_file(index_path(out_dir, prefix), [asdict(s) for s in shards])
+
+
+def write_index_file(path: str, entries: list[dict]) -> None:
+    """``entries``: {"url": name relative to the index's folder, "samples": n, ...}."""
+    index = {"shards": entries, "total": sum(e["samples"] for e in entries)}
+    write_text_atomically(path, json.dumps(index, indent=1))
 
 
 def remove_index(out_dir: str, prefix: str) -> None:

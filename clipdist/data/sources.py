@@ -1,5 +1,5 @@
-"""Shards of the training sources: their sample counts, the order they are read in, and reads
-that survive missing and truncated shards.
+"""Shards of the training sources: reading them, the order they are read in, and reads that
+survive missing, truncated and interrupted shards. (Their sample counts: counts.py.)
 
 Positions are the unit everything else is planned in: the shards of a sequence are laid end to
 end and position p is the p-th sample of that concatenation. A shard that cannot deliver the
@@ -9,22 +9,19 @@ every later sample, and therefore batch contents and resume points, stay where t
 
 from __future__ import annotations
 
-import functools
-import glob
 import hashlib
 import json
 import logging
-import os
+import re
 import tarfile
+import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from clipdist.config import SourceConfig, expand_urls, is_local
-from clipdist.data.shards import load_index
+from clipdist.config import SourceConfig
+from clipdist.data.urls import PERMANENT_ERRORS, TruncatedArchive, check_complete, open_stream
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +30,8 @@ READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
 
 MISSING_SHARD = "missing_shard"
 TRUNCATED_SHARD = "truncated_shard"
+UNINDEXED = "unindexed"  # samples of a shard beyond the count its index gives (not trained)
+RETRY_BACKOFF_S = 0.5  # before the first retry; doubles after each
 
 
 @dataclass(frozen=True)
@@ -42,57 +41,93 @@ class Shard:
     source: int = 0  # index into the run's sources
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading one shard
+
+
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Notes on its archive whether the iteration ended at the end-of-archive zero block. Python's
+    tarfile ends quietly both there and where the file just stops, which would lose the samples of
+    a tar cut at a member boundary without a word."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.end_marker_seen = True
+            raise
+
+
+def split_member_name(name: str) -> tuple[Optional[str], str]:
+    """("dir/key", "ext.ext2") as WebDataset splits a member name; (None, "") if it has no extension."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (match.group(1), match.group(2).lower()) if match else (None, "")
+
+
+def tar_samples(stream: BinaryIO, url: str) -> Iterator[dict]:
+    """WebDataset samples (files grouped by key) of a tar stream. A sample is handed on as soon as
+    the next key's header is read, before that member's data, so a stream cut inside a member keeps
+    every sample completed before it. Raises ConnectionCut (urls.py) when an HTTP transfer stopped
+    early, and TruncatedArchive when the archive has no end marker."""
+    archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo)
+    archive.end_marker_seen = False
+    current: Optional[dict] = None
+    for member in archive:
+        archive.members = []  # a streamed archive need not remember its members
+        key, extension = split_member_name(member.name)
+        if not member.isreg() or key is None or re.match(r"__[^/]*__($|/)", member.name):  # WebDataset's meta files
+            continue
+        if current is not None and key != current["__key__"]:
+            yield current
+            current = None
+        data = archive.extractfile(member).read()
+        current = current or {"__key__": key, "__url__": url}
+        if extension in current:
+            raise ValueError(f"{member.name}: duplicate file name in tar file")
+        current[extension] = data
+    # A dropped connection may have cut the last sample short: withhold it for the retry to read
+    # whole. A cut file has nothing more to give: the last sample goes on, checked when decoded.
+    check_complete(stream)
+    if current is not None:
+        yield current
+    if not archive.end_marker_seen:
+        raise TruncatedArchive(f"the archive ends at byte {archive.offset} without its end-of-archive blocks")
+
+
 def iter_shard(url: str) -> Iterator[dict]:
     """Samples of one shard in tar order, as dicts of raw bytes keyed by extension."""
-    stream = gopen(url, "rb")
+    stream = open_stream(url)
     try:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        yield from tar_samples(stream, url)
     finally:
         stream.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# Sample counts
+def is_permanent(error: BaseException) -> bool:
+    return isinstance(error, PERMANENT_ERRORS)
 
 
-def indexed_counts(urls: Sequence[str]) -> dict[str, int]:
-    """Sample counts from the ``*-index.json`` files that the shard writer puts beside shards."""
-    counts = {}
-    for folder in sorted({os.path.dirname(u) for u in urls if is_local(u)}):
-        for path in glob.glob(os.path.join(folder, "*-index.json")):
-            for info in load_index(path):
-                counts[os.path.normpath(os.path.join(folder, info.url))] = info.samples
-    return counts
+def retry_delay(attempt: int) -> float:
+    return RETRY_BACKOFF_S * 2**attempt
 
 
-def count_by_reading(url: str) -> int:
-    count = 0
-    try:
-        for _ in iter_shard(url):
-            count += 1
-    except READ_ERRORS as error:
-        # Without an index nobody knows what was lost; what is readable is all there is.
-        logger.warning("%s: unreadable after %d samples (%s); using those %d", url, count, one_line(error), count)
-    return count
-
-
-@functools.lru_cache(maxsize=8)
-def shard_sample_counts(urls: tuple[str, ...], source: int = 0) -> tuple[Shard, ...]:
-    """Every shard with its sample count: from an index file if there is one, else by reading
-    the shard once. Deterministic, so every rank computes the same answer on its own."""
-    indexed = indexed_counts(urls)
-    shards = []
-    for url in urls:
-        count = indexed.get(os.path.normpath(url)) if is_local(url) else None
-        if count is None:
-            logger.info("counting the samples of %s (no index file beside it)", url)
-            count = count_by_reading(url)
-        shards.append(Shard(url, count, source))
-    return tuple(shards)
-
-
-def source_shards(sources: Sequence[SourceConfig]) -> tuple[tuple[Shard, ...], ...]:
-    return tuple(shard_sample_counts(tuple(expand_urls(s.urls)), i) for i, s in enumerate(sources))
+def count_by_reading(url: str, retries: int = 0) -> tuple[int, Optional[str]]:
+    """(samples, problem): problem is None, MISSING_SHARD or TRUNCATED_SHARD (then the samples are
+    those that could be read; how many more the shard had is unknown)."""
+    for attempt in range(retries + 1):
+        count = 0
+        try:
+            for _ in iter_shard(url):
+                count += 1
+            return count, None
+        except READ_ERRORS as error:
+            if is_permanent(error) or attempt == retries:
+                problem = MISSING_SHARD if count == 0 and not isinstance(error, TruncatedArchive) else TRUNCATED_SHARD
+                logger.warning("%s: %s after %d samples (%s); counted as %d", url, problem, count, one_line(error), count)
+                return count, problem
+            time.sleep(retry_delay(attempt))
+    raise AssertionError("unreachable")
 
 
 def dataset_fingerprint(sources: Sequence[SourceConfig], shards: Sequence[Sequence[Shard]]) -> str:
@@ -109,33 +144,71 @@ def placeholder(shard: Shard, index: int, reason: str) -> dict:
     return {"__url__": shard.url, "__key__": f"@{index}", "__bad__": reason, "__source__": shard.source}
 
 
-def read_shard_range(shard: Shard, lo: int, hi: int) -> Iterator[dict]:
-    """Samples [lo, hi) of a shard; those it cannot deliver come out as placeholders."""
-    position, reason = 0, None
-    try:
-        samples = iter_shard(shard.url)
+def read_shard_range(shard: Shard, lo: int, hi: int, retries: int = 0) -> Iterator[dict]:
+    """Samples [lo, hi) of a shard; those it cannot deliver come out as placeholders. A transient
+    failure (a dropped connection, a failing pipe) reopens the shard up to ``retries`` times and
+    reads on from where it broke. Samples beyond the shard's count are read past and counted."""
+    done = 0  # samples of the shard passed so far, yielded or not
+    failure: Optional[BaseException] = None
+    for attempt in range(retries + 1):
+        if failure is not None:
+            logger.warning("%s: retrying (%d of %d) after %d samples: %s", shard.url, attempt, retries, done, one_line(failure))
+            time.sleep(retry_delay(attempt - 1))
         try:
-            for sample in samples:
-                if position >= lo:
-                    sample["__source__"] = shard.source
-                    yield sample
-                position += 1
-                if position >= hi:
-                    break
-        finally:
-            samples.close()
-    except READ_ERRORS as error:
-        reason = MISSING_SHARD if position == 0 else TRUNCATED_SHARD
-        logger.warning("%s: %s after %d samples: %s", shard.url, reason, position, one_line(error))
-    if position < hi:
-        if reason is None:
-            reason = TRUNCATED_SHARD
-            logger.warning("%s: %s: ended after %d of the %d samples its index lists", shard.url, reason, position, shard.samples)
-        for index in range(max(position, lo), hi):
+            samples = iter_shard(shard.url)
+            try:
+                for _ in range(done):  # what an earlier attempt delivered
+                    next(samples)
+                while done < hi:
+                    sample = next(samples)
+                    done += 1
+                    if done > lo:
+                        if done == shard.samples:
+                            note_unindexed(sample, shard, samples)
+                        sample["__source__"] = shard.source
+                        yield sample
+            finally:
+                samples.close()
+            failure = None
+            break
+        except StopIteration:
+            failure = None
+            break
+        except READ_ERRORS as error:
+            failure = error
+            if is_permanent(error):
+                break
+    if done < hi:
+        # Nothing read because of an error (not found, refused, garbage): missing. Samples read,
+        # or none from an archive that opened and ended early: truncated.
+        opened = failure is None or isinstance(failure, TruncatedArchive)
+        reason = MISSING_SHARD if done == 0 and not opened else TRUNCATED_SHARD
+        why = one_line(failure) if failure else "the archive is complete"
+        logger.warning("%s: %s: %d of the %d samples its count gives could be read (%s)", shard.url, reason, done, shard.samples, why)
+        for index in range(max(done, lo), hi):
             yield placeholder(shard, index, reason)
 
 
-def read_positions(shards: Iterable[Shard], start: int, stop: int) -> Iterator[dict]:
+def note_unindexed(last: dict, shard: Shard, rest: Iterator[dict]) -> None:
+    """Read past the rest of a shard after its last counted sample: samples there mean the index
+    that gave the count is stale. They are counted on ``last`` (not trained: the epoch's plan has
+    no place for them), and the end of the archive is checked."""
+    extra = 0
+    try:
+        for _ in rest:
+            extra += 1
+    except READ_ERRORS as error:
+        logger.warning("%s: after its %d counted samples: %s", shard.url, shard.samples, one_line(error))
+    if extra:
+        last["__unindexed__"] = extra
+        logger.warning(
+            "%s: holds %d samples more than the %d its index gives; the index is stale (rewrite it: python -m "
+            "clipdist.data.index); the extra samples are counted as data/skipped/%s, not trained",
+            shard.url, extra, shard.samples, UNINDEXED,
+        )
+
+
+def read_positions(shards: Iterable[Shard], start: int, stop: int, retries: int = 0) -> Iterator[dict]:
     """Raw samples at positions [start, stop) of the shards laid end to end. Shards in front of
     ``start`` are not opened, and samples in front of it within a shard are read past, not decoded.
     ``shards`` may be endless (resampled mode)."""
@@ -145,7 +218,7 @@ def read_positions(shards: Iterable[Shard], start: int, stop: int) -> Iterator[d
             return
         lo, hi = max(start - offset, 0), min(stop - offset, shard.samples)
         if lo < hi:
-            yield from read_shard_range(shard, lo, hi)
+            yield from read_shard_range(shard, lo, hi, retries)
         offset += shard.samples
 
 
