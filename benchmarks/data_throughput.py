@@ -1,7 +1,8 @@
 """How many samples per second one data-loader worker prepares (decode, preprocess, tokenize),
 beside how many a training step of the tiny and vitb32 configs consumes.
 
-    python benchmarks/data_throughput.py          # about 2-3 minutes on 2 cores
+    python benchmarks/data_throughput.py              # about 2-3 minutes on 2 cores
+    python benchmarks/data_throughput.py --only-http  # the local-vs-HTTP loader row alone, about 40 s
 
 Inputs are real photographs: random crops of scikit-learn's two sample photos (china, flower),
 saved as JPEG at quality 95 (img2dataset's default) with short sides typical of web-scale sets:
@@ -22,6 +23,17 @@ Rates are samples per CPU-second of the worker process (for the 1-worker loader,
 a worker occupies one core, and CPU time is far less disturbed than wall time by other jobs on a
 shared machine. Wall-clock rates are recorded beside them.
 
+Local disk vs HTTP: the same shards read by clipdist's train loader (0 workers, so the worker
+subprocess is the loader) from the temp folder and from a loopback HTTP server that serves that
+folder (tests/http_server.py's ShardServer, a ThreadingHTTPServer on 127.0.0.1). The server runs
+in a thread of the driver process, never in the measured worker, so its CPU time does not count
+as the worker's. Local and HTTP alternate (local first in even rounds, HTTP first in odd ones),
+each measurement reading whole epochs until ``--http-min-cpu-seconds`` of the worker's CPU time,
+at both image sizes; the report gives medians over ``--http-rounds`` rounds and the ratio
+http / local per worker, per CPU-second and per wall second (target: >= 0.9).
+``--only-http`` runs just this comparison and updates the "http_vs_local" section of an
+existing results file, keeping its other keys.
+
 Step demand: one subprocess per config runs forward, the gathered CLIP loss (world size 1) and
 backward on batches from the loader, with torch's default threads, and reports batch / step
 time. Workers needed = demand / the loader's per-worker rate. A GPU figure (OpenCLIP's
@@ -41,8 +53,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Sequence
 
 import numpy as np
 import PIL
@@ -64,6 +77,7 @@ from clipdist.data.transforms import (
     resized_size,
     to_normalised_tensor,
 )
+from clipdist.data.urls import file_name
 from clipdist.data.write_shards import write_samples
 from clipdist.losses import build_loss
 from clipdist.models import build_model, tokenize
@@ -75,6 +89,8 @@ JPEG_QUALITY = 95
 CONTEXTS = {32: 16, 224: 77}
 LOADER_BATCH = 16
 STEP_CASES = {"tiny": {"batch": 16, "steps": 10}, "vitb32": {"batch": 8, "steps": 2}}
+HTTP_TARGET = 0.9  # the bar: HTTP >= 0.9 x local samples/s per loader worker
+TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 
 # Cherti et al., "Reproducible scaling laws for contrastive language-image learning" (CVPR 2023),
 # trained_models_info.csv in github.com/LAION-AI/scaling-laws-openclip: OpenCLIP ViT-B/32 at
@@ -313,6 +329,105 @@ def run_data_worker(inputs_path: Path, min_cpu_seconds: float) -> Dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
+# The train loader from local disk and from a loopback HTTP server
+
+
+def loader_epochs_rate(urls: str, image_size: int, min_cpu_seconds: float) -> Dict[str, float]:
+    """Whole epochs of the 0-worker train loader (this process reads, decodes and batches) until
+    ``min_cpu_seconds`` of CPU time; the plan (sample counts from the index) is made beforehand."""
+    cfg = DataConfig(train_urls=urls, local_batch=LOADER_BATCH, num_workers=0, shuffle_buffer=4 * LOADER_BATCH)
+    loader = build_train_loader(cfg, image_size=image_size, context_length=CONTEXTS[image_size], rank=0, world_size=1, seed=0, epoch=0)
+    rows, epochs, cpu_start, wall_start = 0, 0, cpu_seconds(), time.perf_counter()
+    while True:
+        rows += sum(batch.images.shape[0] for batch in loader)
+        epochs += 1
+        cpu = cpu_seconds() - cpu_start
+        if cpu >= min_cpu_seconds:
+            wall = time.perf_counter() - wall_start
+            return {"samples": rows, "epochs": epochs, "samples_per_cpu_second": rows / cpu, "samples_per_wall_second": rows / wall}
+
+
+def run_http_worker(local_urls: str, http_urls: str, rounds: int, min_cpu_seconds: float) -> Dict[str, Any]:
+    """Local and HTTP, alternating, ``rounds`` times at each image size, in this one process."""
+    torch.set_num_threads(1)
+    tokenize("a photo")  # loads the vocabulary
+    urls = {"local": local_urls, "http": http_urls}
+    for where in urls.values():  # warm-up: tokenizer cache, imports, the first connection
+        loader_epochs_rate(where, 32, 0.0)
+    sizes: Dict[str, Any] = {}
+    for image_size in CONTEXTS:
+        runs: Dict[str, List[Dict[str, float]]] = {"local": [], "http": []}
+        for round_ in range(rounds):
+            for where in ("local", "http") if round_ % 2 == 0 else ("http", "local"):
+                runs[where].append(loader_epochs_rate(urls[where], image_size, min_cpu_seconds))
+        sizes[str(image_size)] = runs
+    return {"threads": torch.get_num_threads(), "sizes": sizes}
+
+
+def summarize_http(worker: Dict[str, Any], rounds: int, min_cpu_seconds: float, tar_gets: int) -> Dict[str, Any]:
+    keys = ("samples_per_cpu_second", "samples_per_wall_second")
+    sizes = {}
+    for size, runs in worker["sizes"].items():
+        medians = {where: {key: statistics.median(r[key] for r in group) for key in keys} for where, group in runs.items()}
+        sizes[size] = {
+            **medians,
+            "ratio_http_over_local": {key: medians["http"][key] / medians["local"][key] for key in keys},
+            "ratio_per_round": {key: [h[key] / l[key] for h, l in zip(runs["http"], runs["local"])] for key in keys},
+            "runs": runs,
+        }
+    return {
+        "machine": describe_machine(),
+        "what": "clipdist's train loader, num_workers=0, mixed sources, one worker process (1 thread): "
+        "the same shards from the local disk and from a loopback HTTP server run in the driver process",
+        "server": "tests/http_server.py ShardServer (http.server.ThreadingHTTPServer, HTTP/1.1, 127.0.0.1)",
+        "rounds": rounds,
+        "min_cpu_seconds_per_measurement": min_cpu_seconds,
+        "threads": worker["threads"],
+        "tar_gets": tar_gets,
+        "target_ratio": HTTP_TARGET,
+        "sizes": sizes,
+    }
+
+
+@contextmanager
+def shard_server(folder: Path) -> Iterator[Any]:
+    """tests/http_server.py's ShardServer over ``folder``, in a thread of this (driver) process."""
+    if str(TESTS_DIR) not in sys.path:
+        sys.path.insert(0, str(TESTS_DIR))
+    from http_server import ShardServer
+
+    with ShardServer(folder) as server:
+        yield server
+
+
+def measure_http(folder: Path, local_urls: str, rounds: int, min_cpu_seconds: float) -> Dict[str, Any]:
+    with shard_server(folder) as server:
+        http_urls = server.url(file_name(local_urls))
+        worker = spawn(["--worker", "http", "--urls", local_urls, "--http-urls", http_urls, "--http-rounds", str(rounds),
+                        "--http-min-cpu-seconds", str(min_cpu_seconds)])
+        tar_gets = len(server.gets(".tar"))
+    return summarize_http(worker, rounds, min_cpu_seconds, tar_gets)
+
+
+def format_http(http: Dict[str, Any]) -> str:
+    lines = [f"train loader, 0 workers, mixed sources: local disk vs loopback HTTP, one worker (medians of {http['rounds']} "
+             f"alternating rounds, {http['tar_gets']} tar GETs in all):"]
+    for size, entry in http["sizes"].items():
+        ratio = entry["ratio_http_over_local"]
+        per_round = ", ".join(f"{r:.2f}" for r in entry["ratio_per_round"]["samples_per_cpu_second"])
+        lines.append(
+            f"  {size:>3} px: per CPU-second local {entry['local']['samples_per_cpu_second']:.0f}, http "
+            f"{entry['http']['samples_per_cpu_second']:.0f}, http/local {ratio['samples_per_cpu_second']:.2f} (rounds: {per_round}); "
+            f"per wall second {entry['local']['samples_per_wall_second']:.0f} and {entry['http']['samples_per_wall_second']:.0f}, "
+            f"{ratio['samples_per_wall_second']:.2f}"
+        )
+    worst = min(e["ratio_http_over_local"]["samples_per_cpu_second"] for e in http["sizes"].values())
+    lines.append(f"  target http/local >= {http['target_ratio']}: {'met' if worst >= http['target_ratio'] else 'NOT met'} "
+                 f"(lowest per-CPU-second ratio {worst:.2f})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Step demand
 
 
@@ -413,6 +528,8 @@ def format_report(result: Dict[str, Any]) -> str:
     lines.append(f"\nESTIMATE, not measured here: OpenCLIP {gpu['model']} trains at {low:.0f}-{high:.0f} samples/s per {gpu['gpu']} "
                  f"({gpu['source']}); at {gpu['per_worker_samples_per_second']:.0f} samples/s per worker (this CPU, 224 px, mixed "
                  f"sources) that is {gpu['workers_per_gpu'][0]:.1f}-{gpu['workers_per_gpu'][1]:.1f} loader workers (cores) per GPU.")
+    if "http_vs_local" in result:
+        lines.append("\n" + format_http(result["http_vs_local"]))
     return "\n".join(lines)
 
 
@@ -422,8 +539,13 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-cpu-seconds", type=float, default=0.4, help="CPU time per measured path and source size")
     parser.add_argument("--step-threads", type=int, default=None, help="torch threads for the training steps (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--http-rounds", type=int, default=7, help="alternating rounds of the local-vs-HTTP loader comparison")
+    parser.add_argument("--http-min-cpu-seconds", type=float, default=1.0, help="worker CPU time per local or HTTP measurement")
+    parser.add_argument("--only-http", action="store_true",
+                        help="run only the local-vs-HTTP loader comparison; update that section of --out, keeping the rest")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/data_throughput.json"))
-    parser.add_argument("--worker", choices=["data", "step"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["data", "step", "http"], help=argparse.SUPPRESS)
+    parser.add_argument("--http-urls", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--experiment", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -440,6 +562,12 @@ def main(argv: List[str] | None = None) -> None:
     if args.worker == "step":
         print(json.dumps(run_step_worker(args.experiment, args.batch, args.steps, args.urls, args.step_threads)))
         return
+    if args.worker == "http":
+        print(json.dumps(run_http_worker(args.urls, args.http_urls, args.http_rounds, args.http_min_cpu_seconds)))
+        return
+    if args.only_http:
+        main_only_http(args)
+        return
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="clipdist-throughput-") as tmp:
         inputs = write_inputs(Path(tmp), args.per_size, args.seed)
@@ -452,6 +580,7 @@ def main(argv: List[str] | None = None) -> None:
                          "--urls", inputs["urls"], *threads])
             for name, case in STEP_CASES.items()
         }
+        http = measure_http(Path(tmp), inputs["urls"], args.http_rounds, args.http_min_cpu_seconds)
     result = {
         "machine": {**describe_machine(), "pillow": PIL.__version__, "libjpeg_turbo": features.version("libjpeg_turbo")},
         "inputs": {
@@ -466,9 +595,26 @@ def main(argv: List[str] | None = None) -> None:
         "steps": steps,
     }
     result["summary"] = summarize(data, steps)
+    result["http_vs_local"] = http
     result["seconds"] = time.perf_counter() - started
     print(format_report(result))
     print(f"\n({result['seconds']:.0f} s in all)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main_only_http(args: argparse.Namespace) -> None:
+    """The local-vs-HTTP comparison alone, on the same inputs as a full run; its section replaces
+    "http_vs_local" in ``args.out`` (every other key stays as the last full run wrote it)."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="clipdist-throughput-") as tmp:
+        inputs = write_inputs(Path(tmp), args.per_size, args.seed)
+        http = measure_http(Path(tmp), inputs["urls"], args.http_rounds, args.http_min_cpu_seconds)
+    http["seconds"] = time.perf_counter() - started
+    print(format_http(http))
+    print(f"\n({http['seconds']:.0f} s in all)")
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result["http_vs_local"] = http
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -254,8 +254,12 @@ def is_local(url: str) -> bool:
 
 
 def missing_local_shards(pattern: str) -> List[str]:
-    # os.path.exists first: a glob per URL costs seconds over 100,000 shards.
-    return [u for u in expand_urls(pattern) if is_local(u) and not os.path.exists(u) and not glob.glob(u)]
+    return missing_files(u for u in expand_urls(pattern) if is_local(u))
+
+
+def missing_files(paths) -> List[str]:
+    # os.path.exists first: a glob per path costs seconds over 100,000 shards.
+    return [p for p in paths if not os.path.exists(p) and not glob.glob(p)]
 
 
 def validate(cfg: Config, world_size: int, *, check_data: bool = True, training: bool = True) -> None:
@@ -392,7 +396,7 @@ def validate_data(cfg: DataConfig, *, check_files: bool) -> None:
         if check_files:
             # A few missing shards are skipped and counted by the loader; none at all is a mistake.
             urls = [u for u in expand_urls(source.urls) if is_local(u)]
-            missing = missing_local_shards(source.urls)
+            missing = missing_files(urls)
             _require(not urls or len(missing) < len(urls), key, f"no shard matches a file ({len(missing)} missing, first: {missing[0] if missing else ''})")
             if source.index and is_local(source.index):
                 _require(Path(source.index).is_file(), source_key(cfg, i, "index"), f"no such file: {source.index}")

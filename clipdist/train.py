@@ -119,6 +119,19 @@ def build_components(
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     prepare_shards(cfg, env)
+    run_dir = Path(cfg.train.output_dir)
+    # Before the engine: a data source that cannot be used stops the run in seconds, not minutes.
+    data = TrainData(
+        cfg.data,
+        image_size=cfg.model.vision.image_size,
+        context_length=cfg.model.text.context_length,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.train.seed,
+        accum_steps=cfg.train.accum_steps,
+        keys_file=run_dir / "keys" / f"rank{env.rank:05d}.txt" if cfg.data.record_keys else None,
+        counts_file=run_dir / "shard_counts.json",
+    )
     model = build_model(cfg.model)
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained)  # before DeepSpeed: every rank loads the full weights
@@ -132,7 +145,6 @@ def build_components(
         world_size=env.world_size,
         total_steps=cfg.train.max_steps,
     )
-    run_dir = Path(cfg.train.output_dir)
     log.info(
         "%s: %.1fM parameters, global batch %d = %d local × %d ranks × %d accumulation (recipe: %d nodes × %d GPUs)",
         cfg.model.name,
@@ -143,17 +155,6 @@ def build_components(
         cfg.train.accum_steps,
         cfg.launch.nodes,
         cfg.launch.gpus_per_node,
-    )
-    data = TrainData(
-        cfg.data,
-        image_size=cfg.model.vision.image_size,
-        context_length=cfg.model.text.context_length,
-        rank=env.rank,
-        world_size=env.world_size,
-        seed=cfg.train.seed,
-        accum_steps=cfg.train.accum_steps,
-        keys_file=run_dir / "keys" / f"rank{env.rank:05d}.txt" if cfg.data.record_keys else None,
-        counts_file=run_dir / "shard_counts.json",
     )
     checkpointer = Checkpointer(run_dir / "checkpoints", env.rank, keep=cfg.train.keep_checkpoints)
     resume_from = checkpointer.resolve(cfg.train.resume)

@@ -378,3 +378,24 @@ def test_first_step_over_100k_remote_shards_fetches_only_what_it_needs(tmp_path,
     assert set(fetched) <= needed and len(fetched) <= len(needed) + 1, (fetched, needed)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["data"]["data/rows"] == 32
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_unusable_data_stops_the_entry_point_with_one_line(tmp_path):
+    """`python -m clipdist.train` on an index that is not JSON, and on a source that is not a tar:
+    exit status 2 and one line naming the file, no traceback, before the engine is built."""
+    write_shard_set(str(tmp_path / "broken_index"), "train", 2, 4)
+    (tmp_path / "broken_index" / "train-index.json").write_text("{ not json")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "x.tar").write_bytes(b"this is not a tar archive " * 40)
+    cases = {"broken_index/train-{000000..000001}.tar": "broken_index/train-index.json: the index is not JSON",
+             "garbage/x.tar": "data.train_urls ("}
+    for pattern, says in cases.items():
+        command = [sys.executable, "-m", "clipdist.train", "+experiment=tiny", "data.generate_digits=false",
+                   f"data.train_urls='{tmp_path / pattern}'", f"train.output_dir={tmp_path / 'run'}", *QUIET_EVAL]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=100, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        output = done.stdout + done.stderr
+        errors = [line for line in output.splitlines() if "clipdist: data error:" in line]
+        assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in output, output[-3000:]
+        assert says in errors[0] and "parameters, global batch" not in output, "stopped before the engine was built"

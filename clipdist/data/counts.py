@@ -26,7 +26,6 @@ import glob
 import json
 import logging
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from clipdist.config import SourceConfig, expand_urls, is_local
 from clipdist.data.sources import Shard, count_by_reading, one_line
-from clipdist.data.urls import file_name, folder_of, read_small_file, sibling
+from clipdist.data.urls import file_name, folder_of, read_small_file, sibling, siblings, split_name
 from clipdist.fileio import write_text_atomically
 
 logger = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ def normalised(url: str) -> str:
 
 def index_name(shard: str) -> str:
     """``train-000123.tar`` -> ``train-index.json`` (the shard writer's naming)."""
-    prefix = re.sub(r"[-_]?\d+$", "", shard.split(".", 1)[0])
+    prefix = shard.split(".", 1)[0].rstrip("0123456789").rstrip("-_")
     return f"{prefix}-index.json" if prefix else "index.json"
 
 
@@ -102,7 +101,8 @@ def read_index(url: str) -> Optional[dict[str, int]]:
     doc = read_json(url, "the index")
     if doc is None:
         return None
-    return {normalised(sibling(url, name)): count for name, count in index_entries(doc, url).items()}
+    beside = siblings(url)
+    return {normalised(beside(name)): count for name, count in index_entries(doc, url).items()}
 
 
 def equal_shares(total: int, urls: Sequence[str]) -> dict[str, int]:
@@ -166,7 +166,7 @@ def indexes_beside(urls: Sequence[str]) -> dict[str, int]:
     """Counts from the clipdist indexes in the folders of ``urls`` (all ``*-index.json`` of a local
     folder; the index named after the shards' prefix elsewhere)."""
     found: dict[str, int] = {}
-    names = {(folder_of(u), index_name(file_name(u))) for u in urls}
+    names = {(folder, index_name(name)) for folder, name in map(split_name, urls)}
     candidates = {sibling(folder, name) for folder, name in names}
     for folder in {folder for folder, _ in names if is_local(folder)}:
         candidates.update(glob.glob(sibling(folder, "*-index.json")))
@@ -266,7 +266,10 @@ def count_all(sources: Iterable[SourceConfig], keys: Sequence[str], *, assume_eq
     results = []
     for i, (source, key) in enumerate(zip(sources, keys)):
         started = time.perf_counter()
-        counts = count_source(source, i, key, assume_equal=assume_equal, cache=cache, retries=retries)
+        try:
+            counts = count_source(source, i, key, assume_equal=assume_equal, cache=cache, retries=retries)
+        except OSError as error:  # a count file that exists but cannot be fetched (read_small_file)
+            raise DataError(f"{key}: {one_line(error)}") from None
         logger.info("%s: %d shards, %d samples; counts from %s (%.2f s)", key, len(counts.shards), counts.total,
                     describe_origins(counts), time.perf_counter() - started)
         results.append(counts)

@@ -66,7 +66,9 @@ def describe_counts(metrics: dict[str, float]) -> str:
     """One log line from global_metrics."""
     skipped = [f"{k.split('/')[-1]} {int(v)}" for k, v in metrics.items() if k.startswith("data/skipped/") and v]
     mix = [f"{k.split('/')[-1]} {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("data/mix/")]
-    return f"{int(metrics['data/rows'])} rows trained; replaced: {', '.join(skipped) or 'none'}; mix: {', '.join(mix)}"
+    line = f"{int(metrics['data/rows'])} rows trained; replaced: {', '.join(skipped) or 'none'}; mix: {', '.join(mix)}"
+    counting = [f"{k.split('/')[-1]} {int(v)}" for k, v in metrics.items() if k.startswith("data/counting/")]
+    return line + (f"; shards found bad when counted: {', '.join(counting)}" if counting else "")
 
 
 def plan_sources(cfg: DataConfig, image_size: int, seed: int, counts_file: Optional[Path]) -> list[SourceCounts]:

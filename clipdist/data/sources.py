@@ -21,7 +21,7 @@ from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from clipdist.config import SourceConfig
-from clipdist.data.urls import PERMANENT_ERRORS, TruncatedArchive, check_complete, open_stream
+from clipdist.data.urls import PERMANENT_ERRORS, TruncatedArchive, check_complete, open_stream, retry_delay
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
 MISSING_SHARD = "missing_shard"
 TRUNCATED_SHARD = "truncated_shard"
 UNINDEXED = "unindexed"  # samples of a shard beyond the count its index gives (not trained)
-RETRY_BACKOFF_S = 0.5  # before the first retry; doubles after each
 
 
 @dataclass(frozen=True)
@@ -106,10 +105,6 @@ def iter_shard(url: str) -> Iterator[dict]:
 
 def is_permanent(error: BaseException) -> bool:
     return isinstance(error, PERMANENT_ERRORS)
-
-
-def retry_delay(attempt: int) -> float:
-    return RETRY_BACKOFF_S * 2**attempt
 
 
 def count_by_reading(url: str, retries: int = 0) -> tuple[int, Optional[str]]:

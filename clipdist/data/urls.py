@@ -14,9 +14,10 @@ from __future__ import annotations
 import http.client
 import io
 import re
+import time
 import urllib.error
 import urllib.request
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Callable, Optional
 
 from webdataset.gopen import gopen
 
@@ -25,6 +26,7 @@ from clipdist.config import is_local
 # A socket that delivers nothing for this long counts as a dropped connection (then retried):
 # a silent server must not hang a rank.
 READ_TIMEOUT_S = 60.0
+SMALL_FILE_RETRIES = 3
 NAME_MARK = "\0"
 
 
@@ -42,6 +44,11 @@ class ConnectionCut(OSError):
 
 
 PERMANENT_ERRORS = (ShardAbsent, TruncatedArchive, FileNotFoundError)
+RETRY_BACKOFF_S = 0.5  # before the first retry; doubles after each
+
+
+def retry_delay(attempt: int) -> float:
+    return RETRY_BACKOFF_S * 2**attempt
 
 
 def is_http(url: str) -> bool:
@@ -72,20 +79,31 @@ def _name_span(url: str) -> tuple[int, int]:
     return url.rfind("/", start, end) + 1 or start, end
 
 
-def file_name(url: str) -> str:
+def split_name(url: str) -> tuple[str, str]:
+    """(folder, file name): the folder is the URL with a mark in place of the name, what the
+    shards of one folder share."""
     start, end = _name_span(url)
-    return url[start:end]
+    return url[:start] + NAME_MARK + url[end:], url[start:end]
+
+
+def file_name(url: str) -> str:
+    return split_name(url)[1]
 
 
 def sibling(url: str, name: str) -> str:
     """``url`` with its file name replaced by ``name``: the file beside it, read the same way."""
+    return siblings(url)(name)
+
+
+def siblings(url: str) -> Callable[[str], str]:
+    """``sibling(url, ·)`` with the URL parsed once (an index names 100,000 shards)."""
     start, end = _name_span(url)
-    return url[:start] + name + url[end:]
+    head, tail = url[:start], url[end:]
+    return lambda name: head + name + tail
 
 
 def folder_of(url: str) -> str:
-    """What the shards of one folder share: the URL with a mark in place of the file name."""
-    return sibling(url, NAME_MARK)
+    return split_name(url)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,20 +174,29 @@ def check_complete(stream: BinaryIO) -> None:
         raw.check_complete()
 
 
-def read_small_file(url: str) -> Optional[bytes]:
+def read_small_file(url: str, retries: int = SMALL_FILE_RETRIES) -> Optional[bytes]:
     """The bytes of a small file (an index, a stats file), or None when it is not there. A pipe
-    command that fails counts as "not there": its exit status cannot say why."""
-    try:
-        stream = open_stream(url)
+    command that fails counts as "not there": its exit status cannot say why. Other failures are
+    retried with backoff, then raised as one line naming the file."""
+    for attempt in range(retries + 1):
         try:
-            data = stream.read()
-            check_complete(stream)
-        finally:
-            stream.close()  # a pipe's exit status is checked here
-    except (ShardAbsent, FileNotFoundError):
-        return None
-    except OSError:
-        if url.startswith("pipe:"):
+            return _read_whole(url)
+        except (ShardAbsent, FileNotFoundError):
             return None
-        raise
+        except OSError as error:
+            if url.startswith("pipe:"):
+                return None
+            if attempt == retries:
+                raise OSError(f"{url}: unreadable after {retries + 1} attempts: {error}") from None
+            time.sleep(retry_delay(attempt))
+    raise AssertionError("unreachable")
+
+
+def _read_whole(url: str) -> bytes:
+    stream = open_stream(url)
+    try:
+        data = stream.read()
+        check_complete(stream)
+    finally:
+        stream.close()  # a pipe's exit status is checked here
     return data
