@@ -239,6 +239,30 @@ def test_remote_faults_are_retried_then_counted_exactly(tmp_path):
     assert not_retried_counts == expected_lost + Counter({"missing_shard": 4}), "counted = withheld"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_training_over_a_faulty_server_completes_and_counts_what_it_withheld(tmp_path, digits):
+    """The same server faults under real training: torchrun, 2 ranks × 2 loader workers, one
+    epoch (8 steps of 4 per rank), data.retries=0. Training completes; summary.json counts exactly
+    what the server withheld (404 shard + what each cut transfer did not deliver whole), and the
+    recorded keys (data.record_keys) hold every other sample: every sample trained or counted."""
+    shard_dir = tmp_path / "shards"
+    write_shard_set(str(shard_dir), "train", 16, 4)
+    with ShardServer(shard_dir, missing=("train-000007.tar",), cut_every=5) as server:
+        torchrun(tmp_path / "run", digits, f"data.train_urls='{server.url('train-{000000..000015}.tar')}'", "data.local_batch=4",
+                 "data.num_workers=2", "data.shuffle_buffer=16", "data.retries=0", "data.record_keys=true", "train.max_steps=8",
+                 "data.generate_digits=false", *QUIET_EVAL)
+        lost = withheld(server, shard_dir) + Counter({"missing_shard": 4})
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    counted = {k.split("/")[-1]: int(v) for k, v in summary["data"].items() if k.split("/")[-1] in lost and v}
+    assert lost["truncated_shard"] > 0, "the server cut transfers that training needed"
+    assert summary["steps"] == 8 and counted == dict(lost), (counted, lost)
+    trained = set()
+    for keys in (tmp_path / "run" / "keys").glob("rank*.txt"):
+        trained.update(key_index(k) for line in keys.read_text().splitlines() for k in line.split()[2:])
+    assert len(trained) + sum(lost.values()) == 64 and 28 not in trained
+
+
 # ---------------------------------------------------------------------------------------------
 # Cut tars, stale and broken indexes
 
