@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from clipdist.config import Config, ConfigError, load_config, validate
 from clipdist.distributed import DistEnv, DistEnvError
+from clipdist.faults import die_with_launcher
 from clipdist.log import setup_console_logging
 
 
@@ -18,6 +19,10 @@ def start(
     """(launch environment, config, resolved config as a dict), or the exit status 2 after
     printing the one-line error. ``check`` adds an entry point's own ConfigError checks."""
     overrides = sys.argv[1:] if argv is None else list(argv)
+    orphaned = die_with_launcher()  # first: a rank must not outlive torchrun or srun
+    if orphaned:
+        print(f"clipdist: launch environment: {orphaned}; exiting", file=sys.stderr)
+        return 2
     try:
         env = DistEnv.from_environ()
     except DistEnvError as error:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Callable, Mapping, TypeVar
 
@@ -257,7 +258,8 @@ def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: float 
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout)
-    logger.info("process group ready: rank %d/%d backend %s master %s:%d", env.rank, env.world_size, backend, env.master_addr, env.master_port)
+    host = socket.gethostname()
+    logger.info("process group ready: rank %d/%d on %s backend %s master %s:%d", env.rank, env.world_size, host, backend, env.master_addr, env.master_port)
 
 
 def destroy_distributed() -> None:

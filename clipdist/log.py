@@ -31,7 +31,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the clipdist checkout, 
 
 
 def setup_console_logging(rank: int) -> None:
-    """Clean progress lines from rank 0; other ranks, and other libraries, speak only for warnings."""
+    """Clean progress lines from rank 0; other ranks say where they run, then, like other libraries,
+    speak only for warnings."""
     logging.basicConfig(
         level=logging.WARNING,
         format="%(asctime)s %(message)s" if rank == 0 else f"%(asctime)s [rank {rank}] %(message)s",
@@ -40,6 +41,8 @@ def setup_console_logging(rank: int) -> None:
         force=True,
     )
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # Every rank says where it runs ("process group ready: rank R/N on HOST ..."), one line each.
+    logging.getLogger("clipdist.distributed").setLevel(logging.INFO)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,17 @@ from clipdist.data import DataError, TrainData, describe_counts, ensure_data
 from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from clipdist.engine import Checkpointer, TrainState, accumulation_groups, build_engine, effective_precision, input_dtype, train_step
 from clipdist.eval import EvalShape, run_evals, summary_fields
-from clipdist.faults import NonFiniteLoss, StopSignals, TrainingStopped, Watchdog, is_peer_failure, requeue_slurm_job
+from clipdist.faults import (
+    PEER_FAULT_EXIT,
+    NonFiniteLoss,
+    PeerFault,
+    StopSignals,
+    TrainingStopped,
+    Watchdog,
+    is_loader_worker_death,
+    is_peer_failure,
+    requeue_slurm_job,
+)
 from clipdist.fileio import write_text_atomically
 from clipdist.log import MetricLogger
 from clipdist.losses import build_loss
@@ -57,6 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env, cfg, resolved = started
     try:
         train(cfg, env, resolved)
+    except PeerFault:  # its line, logged, names the peer at fault; a traceback would only show this rank's wait
+        return PEER_FAULT_EXIT
     except TrainingStopped as stopped:
         log.error("clipdist: %s", stopped)
         return 1
@@ -71,8 +83,9 @@ def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]
     cfg.deepspeed = effective_precision(cfg.deepspeed)
     init_distributed(env)
     watchdog = Watchdog.for_env(cfg.train.fault_timeout_s, env).start()
+    stop = StopSignals()
     try:
-        with StopSignals() as stop:
+        with stop:
             run = build_components(cfg, env, resolved, stop, watchdog)
             try:
                 summary = train_loop(cfg, env, run, resume(run))
@@ -85,9 +98,11 @@ def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]
                 log.info("%s", requeue_slurm_job() or "not under Slurm: restart with train.resume=auto to continue")
         return summary
     except Exception as error:
-        if env.world_size > 1 and is_peer_failure(error):
-            # A peer that died breaks this rank's collectives at once; say which one it was.
-            log.error("rank %d failed with %s: %s; peers: %s", env.rank, type(error).__name__, error, watchdog.blame())
+        # A peer that died breaks this rank's collectives at once; say which one it was. Under
+        # torchrun the agent also SIGTERMs this rank's process group, killing its DataLoader
+        # workers, whose death may be the error raised (or raised while handling the collective's).
+        if env.world_size > 1 and (is_peer_failure(error) or (stop.received and is_loader_worker_death(error))):
+            raise PeerFault(watchdog.explain(error, stop)) from error
         raise
     finally:
         watchdog.stop()

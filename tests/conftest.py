@@ -23,6 +23,8 @@ import torch.multiprocessing as mp
 
 from clipdist.data.digits import ensure_digits_shards
 
+import slurm_cluster
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -108,6 +110,34 @@ def _collect_results(processes: list, result_dir: str, deadline: float, timeout:
             raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(results))} still running after {timeout:.0f} s")
         time.sleep(0.05)
     return [value for _, value in (results[rank] for rank in range(world_size))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm: only the test clusters this repo's scripts start (tests/slurm_cluster.py)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def outside_any_slurm_job():
+    """Tests run as if outside Slurm, even when pytest runs inside a job (salloc, srun): a rank
+    they start must not read the enclosing job's rank variables, nor `scontrol requeue` it, nor
+    reach the caller's Slurm through its SLURM_CONF. The Slurm tests pass their own SLURM_CONF."""
+    saved = {name: os.environ.pop(name) for name in list(os.environ) if name.startswith("SLURM_")}
+    yield
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def slurm_one_node():
+    """The one-node test Slurm of tests/slurm/local-up.sh (skips with the reason if unavailable)."""
+    with slurm_cluster.session(slurm_cluster.one_node()) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_multinode():
+    """The 2-host test Slurm of tests/slurm/multinode/up.sh (skips with the reason if unavailable)."""
+    with slurm_cluster.session(slurm_cluster.multinode(2)) as cluster:
+        yield cluster
 
 
 # ---------------------------------------------------------------------------------------------

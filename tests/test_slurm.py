@@ -2,15 +2,16 @@
 a 2-task CPU job of slurm/train_rn50.sh (EXPERIMENT=tiny) is preempted mid-run, checkpoints,
 requeues itself, resumes from its checkpoint and ends with the uninterrupted run's final loss.
 
+Every Slurm command goes to that test cluster through SLURM_CONF (tests/slurm_cluster.py), never
+to /etc/slurm; where it is not running and cannot be started here, these tests skip and say why.
+
 Timings (signal → requeue → restart → resumed → done) go to <tmp>/slurm-timings.json and the
 console (pytest -s)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,13 +20,10 @@ from pathlib import Path
 import pytest
 
 from conftest import QUIET_EVAL, TRAIN_ENV, torchrun
+from slurm_cluster import Cluster, job_state
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("sbatch") is None, reason="no sbatch on PATH: start a local Slurm with `bash tests/slurm/local-up.sh`"),
-]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEPS = 60
 # The run each job trains: short, so that the tests see the whole cycle.
 OVERRIDES = [*QUIET_EVAL, f"train.max_steps={STEPS}"]
@@ -34,9 +32,8 @@ CPU_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
-    assert "is UP" in ping.stdout, f"sbatch is installed but slurmctld is not up ({ping.stdout or ping.stderr}): run `bash tests/slurm/local-up.sh`"
+def cluster(slurm_one_node):
+    return slurm_one_node
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +50,12 @@ def train_urls(digits: Path) -> list[str]:
 class Job:
     """A submitted sbatch job of slurm/train_rn50.sh and its run directory."""
 
-    def __init__(self, tmp_path: Path, digits: Path, *sbatch_args: str):
+    def __init__(self, cluster: Cluster, tmp_path: Path, digits: Path, *sbatch_args: str):
+        self.cluster = cluster
         self.run_dir = tmp_path / "run"
         self.output = tmp_path / "job.out"
         env = {
-            **os.environ, **TRAIN_ENV, "EXPERIMENT": "tiny", "CLIPDIST_ROOT": str(ROOT), "PYTHON": sys.executable,
+            **cluster.env, **TRAIN_ENV, "EXPERIMENT": "tiny", "CLIPDIST_ROOT": str(ROOT), "PYTHON": sys.executable,
             "RUN_ROOT": str(tmp_path), "RUN_NAME": "run",
         }  # fmt: skip
         command = ["sbatch", "--parsable", *CPU_JOB, f"--output={self.output}", *sbatch_args, str(ROOT / "slurm" / "train_rn50.sh")]
@@ -66,8 +64,7 @@ class Job:
         self.submitted_at = time.time()
 
     def state(self) -> dict[str, str]:
-        shown = subprocess.run(["scontrol", "show", "job", "-o", self.id], capture_output=True, text=True).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", shown))
+        return job_state(self.cluster, self.id)
 
     def wait_for(self, predicate, what: str, timeout: float = 240) -> float:
         deadline = time.monotonic() + timeout
@@ -89,7 +86,7 @@ class Job:
         return self.output.read_text() if self.output.exists() else ""
 
     def cancel(self) -> None:
-        subprocess.run(["scancel", self.id], capture_output=True)
+        self.cluster.run("scancel", self.id)
 
 
 def check_cycle(job: Job, preempted_at: float, expected_final_loss: float, tmp_path: Path, how: str) -> dict:
@@ -123,10 +120,10 @@ def check_cycle(job: Job, preempted_at: float, expected_final_loss: float, tmp_p
 def test_scancel_usr1_checkpoints_requeues_and_resumes_to_the_same_final_loss(cluster, tmp_path, digits, uninterrupted_final_loss):
     """`scancel --signal=USR1` (what --signal=USR1@120 sends before the time limit) to the job's
     ranks mid-run."""
-    job = Job(tmp_path, digits)
+    job = Job(cluster, tmp_path, digits)
     try:
         job.wait_for(lambda: job.steps_logged() >= 5, "step 5")
-        subprocess.run(["scancel", "--signal=USR1", job.id], check=True)
+        cluster.run("scancel", "--signal=USR1", job.id, check=True)
         check_cycle(job, time.time(), uninterrupted_final_loss, tmp_path, "scancel --signal=USR1")
     finally:
         job.cancel()
@@ -135,13 +132,13 @@ def test_scancel_usr1_checkpoints_requeues_and_resumes_to_the_same_final_loss(cl
 def test_partition_preemption_requeues_and_resumes_to_the_same_final_loss(cluster, tmp_path, digits, uninterrupted_final_loss):
     """A job in partition `high` preempts ours in `debug` (PreemptMode=REQUEUE): Slurm signals
     our ranks, they checkpoint and requeue; the high job runs; ours resumes and completes."""
-    job = Job(tmp_path, digits, "--partition=debug")
+    job = Job(cluster, tmp_path, digits, "--partition=debug")
     high = None
     try:
         job.wait_for(lambda: job.steps_logged() >= 5, "step 5")
-        high = subprocess.run(
-            ["sbatch", "--parsable", "--partition=high", "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/high.out", "--wrap", "sleep 2"],
-            capture_output=True, text=True, check=True,
+        high = cluster.run(
+            "sbatch", "--parsable", "--partition=high", "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/high.out", "--wrap", "sleep 2",
+            check=True,
         ).stdout.strip()  # fmt: skip
         timings = check_cycle(job, time.time(), uninterrupted_final_loss, tmp_path, "partition preemption by a job in `high`")
         assert "DUE TO PREEMPTION" in job.log() or "DUE TO JOB REQUEUE" in job.log()
@@ -149,7 +146,7 @@ def test_partition_preemption_requeues_and_resumes_to_the_same_final_loss(cluste
     finally:
         job.cancel()
         if high:
-            subprocess.run(["scancel", high], capture_output=True)
+            cluster.run("scancel", high)
 
 
 def test_hydra_submitit_sweep_trains_each_point_as_a_two_rank_slurm_job(cluster, tmp_path, digits):
@@ -160,7 +157,7 @@ def test_hydra_submitit_sweep_trains_each_point_as_a_two_rank_slurm_job(cluster,
         sys.executable, "-m", "clipdist.sweep", "-m", "hydra/launcher=clipdist_slurm", *launcher, f"hydra.sweep.dir={tmp_path}",
         "+experiment=tiny", *train_urls(digits), *QUIET_EVAL, "train.max_steps=3", "optim.lr=1e-3",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, **TRAIN_ENV}, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(command, cwd=ROOT, env={**cluster.env, **TRAIN_ENV}, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "0" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3

@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -47,6 +48,7 @@ from clipdist.config import DataConfig, expand_urls, is_local, missing_local_sha
 from clipdist.data.counts import DataError, count_all, shard_sample_counts
 from clipdist.data.sources import UNINDEXED, Shard, ShardDraws, epoch_shard_order, first_readable_samples, iter_shard, locate, read_positions
 from clipdist.data.transforms import load_image
+from clipdist.faults import STOP_SIGNALS
 
 __all__ = ["Batch", "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader", "ensure_data", "iter_shard",
            "shard_sample_counts"]  # the last two for shard readers
@@ -332,6 +334,16 @@ class EvalStream(IterableDataset):
             yield eval_batch(raw, self.image_size, self.plan.batch_size)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Slurm signals every process of a job step and torchrun its ranks' process groups, so a stop
+    signal reaches the loader workers too. The rank itself stops after the step
+    (faults.StopSignals) and shuts its workers down; a worker killed first would break the batch
+    in flight and the checkpoint with it. Forked workers inherit the rank's handlers, but not
+    workers started by spawn or forkserver, nor any once the rank's handlers are put back."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def iterate(dataset: IterableDataset, num_workers: int) -> Iterator:
     if num_workers == 0:
         return iter(dataset)
@@ -341,6 +353,7 @@ def iterate(dataset: IterableDataset, num_workers: int) -> Iterator:
         num_workers=num_workers,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
     )
     return iter(loader)
 

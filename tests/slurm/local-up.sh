@@ -2,6 +2,12 @@
 # Bring up a real one-node Slurm cluster (slurmctld + slurmd + munged) on this
 # machine, as root, for tests/test_slurm.py (real sbatch / scancel / scontrol requeue and
 # partition-priority preemption: partition "high" preempts "debug"). .ci/run calls it.
+# Everything it runs and writes is its own: the config is $SLURM_LOCAL_DIR/etc/slurm.conf
+# (never /etc/slurm), munged is a private one with its own key and socket under
+# $SLURM_LOCAL_DIR (the machine's munged and key, if any, are left alone), and the ports are
+# not Slurm's defaults, so it can neither disturb nor be mistaken for a Slurm it did not start.
+# Its commands need SLURM_CONF=$SLURM_LOCAL_DIR/etc/slurm.conf (the tests pass it; the
+# last line on stdout is `export SLURM_CONF=...`); jobs inherit it.
 #
 #   bash tests/slurm/local-up.sh          install if needed, write config, start daemons,
 #                              wait until the node is idle (idempotent)
@@ -9,18 +15,27 @@
 #                              wipe $SLURM_LOCAL_DIR (no jobs left from earlier runs)
 #   bash tests/slurm/local-up.sh --down   stop the daemons this script started (by PID file)
 #
+# Runs beside tests/slurm/multinode/up.sh (the 2-host cluster in network namespaces).
+#
 # Tested on Debian 12 (bookworm), Slurm 22.05.8 (Debian package), munge 0.5.15.
 # Env: SLURM_LOCAL_DIR (default /tmp/slurm-local) holds state, spool, logs, pids.
 #      SLURM_LOCAL_CRED_EXPIRE (default 10): seconds a requeued job waits before
 #      it may start again (Slurm default is 120).
+#      SLURM_LOCAL_PORTS (default 6827,6828): SlurmctldPort,SlurmdPort (Slurm's own
+#      defaults 6817,6818 are left to a real Slurm on this machine).
 set -euo pipefail
 
 R=${SLURM_LOCAL_DIR:-/tmp/slurm-local}
 CRED_EXPIRE=${SLURM_LOCAL_CRED_EXPIRE:-10}
-CONF=/etc/slurm/slurm.conf
-MUNGE_PID=/run/munge/munged.pid
+CONF=$R/etc/slurm.conf
+MUNGE_SOCK=$R/munge/munge.socket
+MUNGE_KEY=$R/munge/munge.key
+PORTS=${SLURM_LOCAL_PORTS:-6827,6828}
+CTLD_PORT=${PORTS%,*} SLURMD_PORT=${PORTS#*,}
+MUNGE_PID=$R/munge/munged.pid
 CTLD_PID=$R/slurmctld.pid
 SLURMD_PID=$R/slurmd.pid
+export SLURM_CONF=$CONF
 
 log() { echo "[slurm-local] $*" >&2; }
 
@@ -40,7 +55,8 @@ case "${1:-}" in
   --down|--fresh)
     stop_pidfile "$SLURMD_PID" slurmd
     stop_pidfile "$CTLD_PID" slurmctld
-    if [ "$1" = --down ]; then stop_pidfile "$MUNGE_PID" munged; exit 0; fi
+    stop_pidfile "$MUNGE_PID" munged  # our private one (its socket is under $R)
+    [ "$1" = --down ] && exit 0
     log "wiping $R"; rm -rf "$R" ;;
   "") ;;
   *) echo "usage: $0 [--fresh|--down]" >&2; exit 2 ;;
@@ -57,40 +73,43 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
   apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
 fi
 
-# 2. munge -----------------------------------------------------------------
-if [ ! -s /etc/munge/munge.key ]; then
-  log "creating munge key"; mungekey --create --keyfile=/etc/munge/munge.key
-  chown munge:munge /etc/munge/munge.key; chmod 0400 /etc/munge/munge.key
+# 2. munge: a private munged with its own key, on a socket under $R ---------
+mkdir -p "$R"; chmod 0755 "$R"
+install -d -o munge -g munge -m 0755 "$R/munge"
+if [ ! -s "$MUNGE_KEY" ]; then
+  log "creating munge key $MUNGE_KEY"; mungekey --create --keyfile="$MUNGE_KEY"
+  chown munge:munge "$MUNGE_KEY"; chmod 0400 "$MUNGE_KEY"
 fi
-install -d -o munge -g munge -m 0755 /run/munge
-install -d -o munge -g munge -m 0700 /var/log/munge
-install -d -o munge -g munge -m 0711 /var/lib/munge
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-  log "starting munged"
-  rm -f "$MUNGE_PID" /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-  runuser -u munge -- /usr/sbin/munged     # forks; writes $MUNGE_PID
-  for _ in $(seq 1 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
-  munge -n | unmunge >/dev/null
+if ! alive "$MUNGE_PID" || ! munge -S "$MUNGE_SOCK" -n 2>/dev/null | unmunge -S "$MUNGE_SOCK" >/dev/null 2>&1; then
+  log "starting munged on $MUNGE_SOCK"
+  stop_pidfile "$MUNGE_PID" munged
+  rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock"
+  runuser -u munge -- /usr/sbin/munged --socket="$MUNGE_SOCK" --pid-file="$MUNGE_PID" --key-file="$MUNGE_KEY" \
+    --log-file="$R/munge/munged.log" --seed-file="$R/munge/munged.seed"   # forks
+  for _ in $(seq 1 50); do munge -S "$MUNGE_SOCK" -n 2>/dev/null | unmunge -S "$MUNGE_SOCK" >/dev/null 2>&1 && break; sleep 0.1; done
+  munge -S "$MUNGE_SOCK" -n | unmunge -S "$MUNGE_SOCK" >/dev/null
 fi
 
 # 3. slurm.conf ------------------------------------------------------------
 H=$(hostname -s)
-mkdir -p "$R/state" "$R/spool" "$R/log" /etc/slurm
+mkdir -p "$R/state" "$R/spool" "$R/log" "$R/etc"
 # Node line from the hardware slurmd sees; RealMemory lowered to 85 % so the
 # node is never rejected for "Low RealMemory".
 NODE=$(slurmd -C | head -n1 | sed -E "s/^NodeName=[^ ]+/NodeName=$H/; s/ RealMemory=([0-9]+)/ RealMemory=__MEM__/")
 MEM=$(slurmd -C | head -n1 | sed -E 's/.*RealMemory=([0-9]+).*/\1/')
 NODE=${NODE/__MEM__/$(( MEM * 85 / 100 ))}
 NEW_CONF=$(cat <<EOF
-# generated by slurm-local-up.sh
+# generated by tests/slurm/local-up.sh; used only through SLURM_CONF=$CONF
 ClusterName=local
 SlurmctldHost=$H(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire also sets how long a requeued job waits before it may run again
-AuthInfo=cred_expire=$CRED_EXPIRE
+# private munged; cred_expire also sets how long a requeued job waits before it may run again
+AuthInfo=socket=$MUNGE_SOCK,cred_expire=$CRED_EXPIRE
 MailProg=/bin/true
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -140,14 +159,14 @@ fi
 # 4. daemons (they daemonize and write their PID files under $R) ------------
 if ! alive "$CTLD_PID"; then
   log "starting slurmctld"
-  (cd "$R" && slurmctld) # -i would discard saved state; not needed
+  (cd "$R" && slurmctld -f "$CONF") # -i would discard saved state; not needed
 fi
 for _ in $(seq 1 100); do scontrol ping 2>/dev/null | grep -q 'is UP' && break; sleep 0.2; done
 scontrol ping | grep -q 'is UP' || { log "slurmctld not up"; tail -n 30 "$R/log/slurmctld.log" >&2; exit 1; }
 
 if ! alive "$SLURMD_PID"; then
   log "starting slurmd"
-  (cd "$R" && slurmd)
+  (cd "$R" && slurmd -f "$CONF")
 fi
 
 # 5. wait for the node to be idle -------------------------------------------
@@ -165,3 +184,4 @@ case "$state" in
   idle|mixed|allocated) log "node $H is $state (slurmctld pid $(cat "$CTLD_PID"), slurmd pid $(cat "$SLURMD_PID"), munged pid $(cat "$MUNGE_PID" 2>/dev/null || echo '?'))" ;;
   *) log "node $H not ready: '$state'"; tail -n 30 "$R/log/slurmd.log" >&2; exit 1 ;;
 esac
+echo "export SLURM_CONF=$CONF"
