@@ -214,6 +214,11 @@ class LaunchConfig:
 
     nodes: int = 1
     gpus_per_node: int = 1
+    # The network interface(s) for the process group's traffic, e.g. "ib0" or "eth0,eth1": set
+    # where a host's name resolves to an address that the other hosts cannot reach (a management
+    # network first, a loopback entry for the host name). Default: GLOO_SOCKET_IFNAME /
+    # NCCL_SOCKET_IFNAME from the environment, else the interface of the host name's address.
+    socket_ifname: Optional[str] = None
 
 
 @dataclass
@@ -295,6 +300,9 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True, training:
         "locks the image tower's starting weights: set model.pretrained (LiT tunes text to a pretrained image tower) or train.resume",
     )
     _require(cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0, "logging.peak_tflops", "must be > 0")
+    if cfg.launch.socket_ifname is not None:
+        absent = [name for name in cfg.launch.socket_ifname.split(",") if not Path("/sys/class/net", name).exists()]
+        _require(not absent, "launch.socket_ifname", f"no network interface {absent[0] if absent else ''!r} on this host")
     _require(cfg.loss.impl in LOSS_IMPLS, "loss.impl", f"expected one of {list(LOSS_IMPLS)}, got {cfg.loss.impl!r}")
     _require(cfg.loss.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {cfg.loss.chunk_size}")
     _require(

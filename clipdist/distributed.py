@@ -232,12 +232,15 @@ def world_size_from_env(environ: Mapping[str, str] = os.environ) -> int:
     return DistEnv.from_environ(environ).world_size
 
 
-def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: float = 1800) -> None:
-    """Create the default process group for ``env``; a no-op when one already exists."""
+def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: float = 1800, socket_ifname: str | None = None) -> None:
+    """Create the default process group for ``env``; a no-op when one already exists.
+    ``socket_ifname`` (launch.socket_ifname) pins gloo's and NCCL's traffic to those interfaces."""
     if dist.is_initialized():
         if dist.get_world_size() != env.world_size:
             raise DistEnvError(f"a process group of size {dist.get_world_size()} already exists, the environment says {env.world_size}")
         return
+    if socket_ifname:
+        os.environ.update(GLOO_SOCKET_IFNAME=socket_ifname, NCCL_SOCKET_IFNAME=socket_ifname)
     # DeepSpeed reads these rather than asking torch.distributed.
     os.environ.update(
         MASTER_ADDR=env.master_addr,
@@ -258,8 +261,9 @@ def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: float 
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout)
-    host = socket.gethostname()
-    logger.info("process group ready: rank %d/%d on %s backend %s master %s:%d", env.rank, env.world_size, host, backend, env.master_addr, env.master_port)
+    host, interfaces = socket.gethostname(), os.environ.get("GLOO_SOCKET_IFNAME")
+    logger.info("process group ready: rank %d/%d on %s backend %s master %s:%d%s", env.rank, env.world_size, host, backend,
+                env.master_addr, env.master_port, f" via {interfaces}" if interfaces else "")
 
 
 def destroy_distributed() -> None:

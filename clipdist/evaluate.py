@@ -52,7 +52,7 @@ def require_eval_sets(cfg: Config) -> None:
 
 def evaluate(cfg: Config, env: DistEnv) -> Dict[str, Any]:
     """Every eval set of ``cfg.eval``; returns (on every rank) what eval.json holds."""
-    init_distributed(env)
+    init_distributed(env, socket_ifname=cfg.launch.socket_ifname)
     try:
         device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if env.rank == 0:

@@ -167,7 +167,9 @@ class Watchdog:
     def __init__(self, timeout_s: float, rank: int, world_size: int, store_addr: str, store_port: int):
         self.timeout_s = timeout_s
         self.rank, self.world_size = rank, world_size
-        self.interval_s = max(0.5, min(5.0, timeout_s / 8))
+        # At most 2 s: a survivor names the dead after 2.5 intervals, and must print its line
+        # before a launcher's kill follows its SIGTERM (Slurm's KillWait may be 10 s or less).
+        self.interval_s = max(0.5, min(2.0, timeout_s / 8))
         self._store_addr, self._store_port = store_addr, store_port
         self._store_timeout_s = max(2.0, self.interval_s)
         self._store = None

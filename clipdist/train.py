@@ -81,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]:
     """Train to train.max_steps, or until a stop signal (then checkpoint and requeue)."""
     cfg.deepspeed = effective_precision(cfg.deepspeed)
-    init_distributed(env)
+    init_distributed(env, socket_ifname=cfg.launch.socket_ifname)
     watchdog = Watchdog.for_env(cfg.train.fault_timeout_s, env).start()
     stop = StopSignals()
     try:

@@ -127,6 +127,7 @@ def test_patch_dropout_is_for_vit_towers():
     "overrides, key, says",
     [
         (["data.retries=-1"], "data.retries", "must be >= 0"),
+        (["launch.socket_ifname='lo,nope0'"], "launch.socket_ifname", "'nope0'"),
         (["data.train_samples=1000"], "data.train_samples", "resampled only"),  # exact mode needs per-shard counts
         (["data.mode=resampled", "data.train_samples=0"], "data.train_samples", "must be >= 1"),
         (["data.train_urls=tests/fixtures/img2dataset/00000.tar", "data.train_index=/no/such/index.json"], "data.train_index",
