@@ -15,8 +15,23 @@ family, the digits shards, a few steps, 2 nodes × 2 CPU tasks. Each test checks
 - the gradients were all-reduced across the hosts: every step's loss equals that of a 4-rank
   single-host torchrun run of the same config within 1e-5.
 
-Timings (sbatch → running → first step → completed) go to <tmp>/slurm-multinode-timings.json
-and the console (pytest -s).
+The faults across hosts (slurm/train_rn50.sh with rn_tiny, 30 steps, data.record_keys=true,
+against one shared 4-rank single-host run of the same config):
+
+- preemption, by `scancel --signal=USR1` and by a 2-node job in partition `high` (our `debug` has
+  PreemptMode=REQUEUE): every rank on both hosts stops after the same step k (each rank's
+  recorded batches, the "stopping after step k" lines), the shared run directory holds one
+  complete checkpoint (step k), the job requeues itself, restarts on node[1-2], resumes at k and
+  ends with the uninterrupted final loss (≤ 1e-6) having drawn exactly its batches on every rank;
+- node loss: every process on node2 SIGKILLed and node2 marked DOWN: the node1 ranks name ranks
+  [2, 3] on node2 in one line each and are gone within train.fault_timeout_s + 30 s, no
+  traceback, nothing left on either host; Slurm requeues the job and, node2 back, it resumes from
+  the newest complete checkpoint and completes with the uninterrupted final loss;
+- two 2-node jobs at once on the same nodes rendezvous at their own ports and both complete.
+
+Timings (sbatch → running → first step → completed; signal → checkpoint written → requeued →
+first resumed step; node loss → all ranks gone → requeued; node back → resumed → completed) go
+to <tmp>/slurm-multinode-timings.json and the console (pytest -s).
 """
 
 from __future__ import annotations
@@ -164,12 +179,13 @@ def master_port(job_id: str) -> int:
 
 def submit(
     cluster: Cluster, script: str, tmp_path: Path, digits: Path, model: str, sbatch_args: tuple = (), overrides: Optional[list[str]] = None,
-    job: list[str] = CPU_JOB,
+    job: list[str] = CPU_JOB, python: Optional[dict] = None,
 ) -> tuple[str, Path, Path]:
+    """``python``: launch.sh's PYTHON and what it needs, instead of this interpreter."""
     run_root, output = tmp_path, tmp_path / "job.out"
     env = {
         **cluster.env, **TRAIN_ENV, "CLIPDIST_ROOT": str(ROOT), "PYTHON": sys.executable, "RUN_ROOT": str(run_root),
-        "RUN_NAME": "run", "WANDB_MODE": "disabled",
+        "RUN_NAME": "run", "WANDB_MODE": "disabled", **(python or {}),
     }  # fmt: skip
     env.pop("EXPERIMENT", None)  # the script's own: vitl14 / rn50
     overrides = cpu_sized(model, digits) if overrides is None else overrides
@@ -262,7 +278,7 @@ def log_of(output: Path) -> str:
 # Preemption and node loss across the two hosts (slurm/train_rn50.sh, rn_tiny, 2 hosts × 2 ranks)
 
 FAULT_STEPS = 30  # about 1.3 epochs of the digits shards at global batch 32
-FAULT_TIMEOUT_S = 20  # train.fault_timeout_s of the node-loss job: heartbeats every 2.5 s
+GONE_WITHIN_S = 60  # node loss -> no rank left; well inside train.fault_timeout_s (600) + 30 s
 PREEMPTED = ("rn50", "rn_tiny")
 
 
@@ -360,6 +376,7 @@ def check_preemption_cycle(job: Job, signalled_at: float, uninterrupted: dict, t
     done = job.wait_for(lambda: job.state().get("JobState") == "COMPLETED", "completion")
 
     state, log = job.state(), job.log()
+    assert not job.processes(), f"left behind: {job.processes()}"
     assert state["Restarts"] == "1" and state["NodeList"] == "node[1-2]" and state["ExitCode"] == "0:0", state
     second = log.split("restart 1 on", 1)[1]
     assert second.startswith(" node[1-2]: 4 ranks"), second[:300]
@@ -425,20 +442,27 @@ def test_partition_preemption_stops_both_hosts_and_the_requeued_job_ends_like_an
 
 def test_node2_lost_mid_training_the_node1_ranks_name_it_and_exit_and_the_requeued_job_resumes_when_it_is_back(cluster, tmp_path, digits, uninterrupted):
     """node2 dies at step ≥ 12: every process there (slurmd, slurmstepd, the ranks) is SIGKILLed
-    and the node is marked DOWN (what slurmctld does itself after SlurmdTimeout). The ranks on node1 each print one line
-    naming ranks 2-3 on node2 and exit (status 3), well within train.fault_timeout_s + 30 s, with
-    no traceback; no process of the job is left on either host; Slurm requeues the job
-    (--requeue); once node2 is back it resumes from the newest complete checkpoint (step 10) on
-    both hosts and completes with the uninterrupted run's final loss."""
-    job = Job(cluster, tmp_path, digits, extra=("train.checkpoint_every=5", f"train.fault_timeout_s={FAULT_TIMEOUT_S}"))
+    and the node is marked DOWN (what slurmctld does itself after SlurmdTimeout=30 s). Slurm
+    cancels the job on node1 (SIGTERM, SIGKILL after KillWait=10 s) and requeues it (--requeue);
+    the ranks on node1 each print one line naming ranks 2-3 on node2, with no traceback, and are
+    gone well within train.fault_timeout_s + 30 s; no process of the job is left on either host.
+    Once node2 is back (its slurmd restarted) the job resumes on both hosts from the newest
+    complete checkpoint (train.checkpoint_every=5) and ends with the uninterrupted run's final loss.
+
+    The default train.fault_timeout_s (600 s): heartbeats every 2 s at most, so a survivor's two
+    looks at its peers' heartbeats take 5 s and its line comes before slurmstepd's SIGKILL at
+    KillWait=10 s. (With beats every 5 s, as before, they were killed before the line.)"""
+    job = Job(cluster, tmp_path, digits, extra=("train.checkpoint_every=5",))
     node2_down = False
     try:
-        job.wait_for(lambda: job.steps_logged() >= 12 and job.latest() == "step_00000010", "step 12 and the checkpoint of step 10")
+        job.wait_for(lambda: job.steps_logged() >= 12, "step 12")
         assert len(job.processes().get("node2", [])) >= 2, job.processes()
         lost_at = time.time()
         node2_down = True
         cluster.lose_host("node2")
-        gone = job.wait_for(lambda: not job.processes(), "all ranks gone", timeout=FAULT_TIMEOUT_S + 30, bad=())
+        newest = job.latest()  # complete checkpoints only: no rank can finish another without node2
+        assert newest is not None and newest >= "step_00000010", newest
+        gone = job.wait_for(lambda: not job.processes(), "all ranks gone", timeout=GONE_WITHIN_S, bad=())
         requeued = job.wait_for(lambda: job.state().get("JobState") == "PENDING", "requeue", timeout=60, bad=("FAILED", "CANCELLED", "COMPLETED"))
         log = job.log()
         faults = [line for line in log.splitlines() if "peer fault" in line]
@@ -459,16 +483,18 @@ def test_node2_lost_mid_training_the_node1_ranks_name_it_and_exit_and_the_requeu
         if node2_down:
             cluster.repair()
     state, log = job.state(), job.log()
+    assert not job.processes(), f"left behind: {job.processes()}"
     second = log.split("restart 1 on", 1)[1]
     assert second.startswith(" node[1-2]: 4 ranks"), second[:300]
-    assert re.search(r"resumed from \S+step_00000010 at step 10", second), second[-5000:]
+    step = int(newest.removeprefix("step_"))
+    assert re.search(r"resumed from \S+%s at step %d" % (newest, step), second), second[-5000:]
     assert "Traceback" not in log, log[-5000:]
     assert state["NodeList"] == "node[1-2]" and state["ExitCode"] == "0:0", state
     final_loss = json.loads((job.run_dir / "summary.json").read_text())["final_loss"]
     assert abs(final_loss - uninterrupted["final_loss"]) <= 1e-6, (final_loss, uninterrupted["final_loss"])
     record(tmp_path, {
-        "how": "node2 lost (its clipdist processes SIGKILLed, node marked DOWN) after step 12, newest checkpoint step 10",
-        "fault_timeout_s": FAULT_TIMEOUT_S, "steps_logged_before_loss": steps_before,
+        "how": f"node2 lost (every process there SIGKILLed, node marked DOWN) after step >= 12, newest checkpoint {newest}",
+        "fault_timeout_s": 600, "steps_logged_before_loss": steps_before,
         "node_loss_to_all_ranks_gone_s": round(gone - lost_at, 1),
         "node_loss_to_requeued_s": round(requeued - lost_at, 1),
         "node_back_to_restart_s": round(restarted - back_at, 1),
@@ -481,12 +507,16 @@ def test_node2_lost_mid_training_the_node1_ranks_name_it_and_exit_and_the_requeu
 def test_two_concurrent_two_node_jobs_on_the_same_nodes_rendezvous_apart_and_both_complete(cluster, tmp_path, digits):
     """Two 2-node jobs (1 rank per node each) submitted at once share node1 and node2: each
     rendezvouses at its own port (20000 + job id mod 20000) on node1, they train at the same time,
-    and both complete."""
+    and both complete. Job b runs as on hosts whose own name resolves to 127.0.1.1 (Debian's
+    /etc/hosts without DNS; tests/slurm/loopback_hostname.sh), where gloo would offer the other
+    host a loopback address: launch.socket_ifname=eth0 pins its ranks to the cluster network."""
     one_rank_per_node = [f"--nodes={NODES}", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
     jobs = []
-    for name in ("a", "b"):
+    loopback_hostname = {"PYTHON": str(ROOT / "tests" / "slurm" / "loopback_hostname.sh"), "REAL_PYTHON": sys.executable}
+    for name, extra, python in (("a", [], None), ("b", ["launch.socket_ifname=eth0"], loopback_hostname)):
         (tmp_path / name).mkdir()
-        jobs.append(submit(cluster, "train_rn50.sh", tmp_path / name, digits, "rn_tiny", overrides=cpu_sized("rn_tiny", digits, steps=8), job=one_rank_per_node))
+        overrides = [*cpu_sized("rn_tiny", digits, steps=8), *extra]
+        jobs.append(submit(cluster, "train_rn50.sh", tmp_path / name, digits, "rn_tiny", overrides=overrides, job=one_rank_per_node, python=python))
     ids = [job_id for job_id, _, _ in jobs]
     together = False
     try:
@@ -503,11 +533,12 @@ def test_two_concurrent_two_node_jobs_on_the_same_nodes_rendezvous_apart_and_bot
             cluster.run("scancel", job_id)
     assert together, "the two jobs never ran at the same time"
     ports = []
-    for job_id, run_dir, output in jobs:
+    for (job_id, run_dir, output), via in zip(jobs, ("", " via eth0")):
         shown, log = job_state(cluster, job_id), log_of(output)
         assert shown.get("JobState") == "COMPLETED" and shown.get("NodeList") == "node[1-2]", f"job {job_id}: {shown}\n{log[-4000:]}"
-        ready = re.search(r"process group ready: rank 0/2 on node1 backend gloo master node1:(\d+)", log)
+        ready = re.search(r"process group ready: rank 0/2 on node1 backend gloo master node1:(\d+)" + via + "\n", log)
         assert ready and int(ready.group(1)) == master_port(job_id), log[-4000:]
+        assert log.count(f"on node2 backend gloo master node1:{ready.group(1)}{via}\n") == 1, "rank 1's line, on node2"
         ports.append(int(ready.group(1)))
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
     assert ports[0] != ports[1], ports
