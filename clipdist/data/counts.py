@@ -177,19 +177,21 @@ def indexes_beside(urls: Sequence[str]) -> dict[str, int]:
 
 def img2dataset_stats(urls: Sequence[str]) -> dict[str, int]:
     """Counts from img2dataset's per-shard stats files, when the folder's first shard has one."""
-    if read_small_file(sibling(urls[0], stats_name(file_name(urls[0])))) is None:
+    first = successes(urls[0])
+    if first is None:
         return {}
+    return {normalised(u): n for u, n in zip(urls, [first, *fetch_all(successes, urls[1:])]) if n is not None}
 
-    def successes(url: str) -> Optional[int]:
-        stats_url = sibling(url, stats_name(file_name(url)))
-        doc = read_json(stats_url, "img2dataset's stats file")
-        if doc is None:
-            return None
-        if not isinstance(doc, dict) or not isinstance(doc.get("successes"), int):
-            raise DataError(f"{stats_url}: img2dataset's stats file has no integer \"successes\"")
-        return doc["successes"]
 
-    return {normalised(u): n for u, n in zip(urls, fetch_all(successes, urls)) if n is not None}
+def successes(url: str) -> Optional[int]:
+    """A shard's sample count from img2dataset's stats file beside it, or None without one."""
+    stats_url = sibling(url, stats_name(file_name(url)))
+    doc = read_json(stats_url, "img2dataset's stats file")
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("successes"), int):
+        raise DataError(f"{stats_url}: img2dataset's stats file has no integer \"successes\"")
+    return doc["successes"]
 
 
 def folder_total(urls: Sequence[str]) -> Optional[int]:

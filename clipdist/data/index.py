@@ -78,7 +78,7 @@ def count_shards(urls: list[str], out: str, workers: int, retries: int) -> list[
     return [done[u] for u in urls]
 
 
-def index_entries(counted: list[dict], out: str) -> list[dict]:
+def listed_entries(counted: list[dict], out: str) -> list[dict]:
     entries = []
     for entry in counted:
         if entry["problem"] == MISSING_SHARD:
@@ -95,7 +95,7 @@ def write_shard_index(pattern: str, out: Optional[str] = None, workers: int = 16
     out = out or default_index_path(urls)
     started = time.perf_counter()
     counted = count_shards(urls, out, workers, retries)
-    entries = index_entries(counted, out)
+    entries = listed_entries(counted, out)
     write_index_file(out, entries)
     os.remove(partial_path(out))
     problems = {p: [e["url"] for e in counted if e["problem"] == p] for p in (MISSING_SHARD, TRUNCATED_SHARD)}

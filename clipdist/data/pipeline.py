@@ -45,7 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipdist.config import DataConfig, expand_urls, is_local, missing_local_shards, source_key, train_sources
-from clipdist.data.counts import DataError, count_all, shard_sample_counts
+from clipdist.data.counts import DataError, SourceCounts, count_all, shard_sample_counts
 from clipdist.data.sources import UNINDEXED, Shard, ShardDraws, epoch_shard_order, first_readable_samples, iter_shard, locate, read_positions
 from clipdist.data.transforms import load_image
 from clipdist.faults import STOP_SIGNALS
@@ -480,7 +480,7 @@ def build_eval_loader(
     return EvalLoader(EvalStream(plan, image_size), num_workers)
 
 
-def count_sources(cfg: DataConfig, cache: Optional[dict[str, int]] = None) -> list:
+def count_sources(cfg: DataConfig, cache: Optional[dict[str, int]] = None) -> list[SourceCounts]:
     """Each training source's shards with their sample counts (counts.py), logged per source."""
     sources = train_sources(cfg)
     keys = [source_key(cfg, i) for i in range(len(sources))]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+from webdataset.tariterators import base_plus_ext
 
 from clipdist.config import SourceConfig
 from clipdist.data.urls import PERMANENT_ERRORS, TruncatedArchive, check_complete, open_stream, retry_delay
@@ -58,12 +59,6 @@ class _EndAwareTarInfo(tarfile.TarInfo):
             raise
 
 
-def split_member_name(name: str) -> tuple[Optional[str], str]:
-    """("dir/key", "ext.ext2") as WebDataset splits a member name; (None, "") if it has no extension."""
-    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
-    return (match.group(1), match.group(2).lower()) if match else (None, "")
-
-
 def tar_samples(stream: BinaryIO, url: str) -> Iterator[dict]:
     """WebDataset samples (files grouped by key) of a tar stream. A sample is handed on as soon as
     the next key's header is read, before that member's data, so a stream cut inside a member keeps
@@ -74,9 +69,10 @@ def tar_samples(stream: BinaryIO, url: str) -> Iterator[dict]:
     current: Optional[dict] = None
     for member in archive:
         archive.members = []  # a streamed archive need not remember its members
-        key, extension = split_member_name(member.name)
+        key, extension = base_plus_ext(member.name)  # WebDataset's own split: ("dir/key", "ext.ext2")
         if not member.isreg() or key is None or re.match(r"__[^/]*__($|/)", member.name):  # WebDataset's meta files
             continue
+        extension = extension.lower()
         if current is not None and key != current["__key__"]:
             yield current
             current = None
