@@ -42,6 +42,9 @@ class TextConfig:
     layers: int = 12
 
 
+ACTIVATIONS = ("quick_gelu", "gelu")  # model.act; clipdist.models.vit builds each
+
+
 @dataclass
 class ModelConfig:
     name: str = "ViT-B-32"
@@ -54,9 +57,16 @@ class ModelConfig:
     # SigLIP's learnable logit bias (its paper: -10, with init_logit_scale log 10); None for the
     # softmax CLIP loss, whose model has no bias.
     init_logit_bias: Optional[float] = None
+    # The MLP activation of both towers: "quick_gelu" (x·sigmoid(1.702x), OpenAI's CLIP) or "gelu"
+    # (exact GELU, open_clip's ViT-B-32 etc., most LAION / DataComp weights). Same parameters.
+    act: str = "quick_gelu"
     # An OpenAI or OpenCLIP checkpoint file to start from (clipdist.models.load_pretrained); its
-    # architecture must be this config's.
+    # architecture must be this config's, and its activation model.act (a state dict does not
+    # record it: see pretrained_arch).
     pretrained: Optional[str] = None
+    # The open_clip model name of model.pretrained's weights, e.g. ViT-B-32 (GELU) or
+    # ViT-B-32-quickgelu: states their activation where the file does not.
+    pretrained_arch: Optional[str] = None
     # FLIP: the share of image patches dropped at random in training (0.5 in the paper); eval
     # always sees every patch. ViT only.
     patch_dropout: float = 0.0
@@ -163,7 +173,9 @@ class TrainConfig:
     max_bad_steps: int = 5
     # On SIGUSR1/SIGTERM: checkpoint at the next step, then `scontrol requeue` when under Slurm.
     requeue: bool = True
-    output_dir: str = "runs/${logging.run_name}"
+    # Where the run goes. Default: Hydra's run directory, hydra.run.dir (runs/<logging.run_name>,
+    # conf/config.yaml); a multirun point's default is its own Hydra job directory.
+    output_dir: str = "${hydra:run.dir}"
 
 
 @dataclass
@@ -175,8 +187,14 @@ class ZeroShotSetConfig:
     # A list, or a file: .txt (one name per line) or .json (a list, or {"0": name} / {"0": [id, name]}
     # like ImageNet's class index). Any: OmegaConf has no list-or-string type.
     classnames: Any = None
-    # A list of prompts with '{}', or a built-in set: "imagenet80" (the CLIP paper's 80) or "short" (7).
-    templates: Any = "imagenet80"
+    # A list of prompts with '{}' (or clip_benchmark's '{c}'), a .txt file of them (one per line),
+    # or a built-in set: "imagenet80" (the CLIP paper's 80) or "short" (7). Unset: imagenet80, or
+    # with root, root's zeroshot_classification_templates.txt.
+    templates: Any = None
+    # Instead of urls: a folder in clip_benchmark's WebDataset layout (test/nshards.txt,
+    # test/0.tar.., classnames.txt, zeroshot_classification_templates.txt; clipdist/data/wds_layout.py),
+    # which gives the shards, and the class names and templates unless set.
+    root: str = ""
 
 
 @dataclass
@@ -202,6 +220,9 @@ class LoggingConfig:
     project: str = "clipdist"
     run_name: str = "default"
     wandb_mode: str = "offline"  # "offline" | "online" | "disabled"
+    # How long an online wandb run may take to start (reach the server, create the run) before
+    # the run logs offline instead; no API key falls back at once.
+    wandb_init_timeout_s: float = 30.0
     log_every: int = 10
     # Peak dense TFLOP/s of one device for MFU; default: looked up from the GPU's name (H100,
     # A100 ... in bf16), none on a CPU (then MFU is not logged).
@@ -279,7 +300,14 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True, training:
             f"{cfg.model.vision.patch_size} does not divide image_size {cfg.model.vision.image_size}",
         )
     _require(cfg.model.text.context_length >= 2, "model.text.context_length", "must be at least 2 (SOT and EOT)")
+    _require(cfg.model.act in ACTIVATIONS, "model.act", f"expected one of {list(ACTIVATIONS)}, got {cfg.model.act!r}")
     _require(not cfg.model.pretrained or Path(cfg.model.pretrained).is_file(), "model.pretrained", f"no such file: {cfg.model.pretrained}")
+    _require(not cfg.model.pretrained_arch or bool(cfg.model.pretrained), "model.pretrained_arch", "names model.pretrained's open_clip model, but model.pretrained is not set")
+    if cfg.model.pretrained:
+        from clipdist.models.pretrained import activation_problem  # lazy: the models import this module
+
+        problem = activation_problem(cfg.model.pretrained, cfg.model.pretrained_arch, cfg.model.act)
+        _require(problem is None, "model.pretrained", f"{cfg.model.pretrained}: {problem}")
     _require(cfg.data.local_batch >= 1, "data.local_batch", f"must be >= 1, got {cfg.data.local_batch}")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.train.accum_steps >= 1, "train.accum_steps", f"must be >= 1, got {cfg.train.accum_steps}")
@@ -300,6 +328,7 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True, training:
         "locks the image tower's starting weights: set model.pretrained (LiT tunes text to a pretrained image tower) or train.resume",
     )
     _require(cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0, "logging.peak_tflops", "must be > 0")
+    _require(cfg.logging.wandb_init_timeout_s > 0, "logging.wandb_init_timeout_s", f"must be > 0, got {cfg.logging.wandb_init_timeout_s}")
     if cfg.launch.socket_ifname is not None:
         absent = [name for name in cfg.launch.socket_ifname.split(",") if not Path("/sys/class/net", name).exists()]
         _require(not absent, "launch.socket_ifname", f"no network interface {absent[0] if absent else ''!r} on this host")
@@ -322,13 +351,26 @@ def validate(cfg: Config, world_size: int, *, check_data: bool = True, training:
             f"× train.accum_steps ({cfg.train.accum_steps}) = {derived}",
         )
     if training:
+        validate_optim(cfg.optim)
         validate_data(cfg.data, check_files=check_data and not cfg.data.generate_digits)
     # The digits eval shards, like the train shards, are written on first use.
     validate_eval(cfg.eval, check_files=check_data and not cfg.data.generate_digits)
 
 
+def validate_optim(cfg: OptimConfig) -> None:
+    # Here, not left to PyTorch: AdamW's errors name no key, and it checks neither a parameter
+    # group's weight decay nor the schedule (a negative one of either would train without a word).
+    _require(0 < cfg.lr < math.inf, "optim.lr", f"must be > 0, got {cfg.lr}")
+    _require(0 <= cfg.weight_decay < math.inf, "optim.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    for key, beta in (("optim.beta1", cfg.beta1), ("optim.beta2", cfg.beta2)):
+        _require(0 <= beta < 1, key, f"must be in [0, 1), got {beta}")
+    _require(0 < cfg.eps < math.inf, "optim.eps", f"must be > 0, got {cfg.eps}")
+    _require(cfg.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
+    _require(0 <= cfg.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1] (the share of optim.lr the cosine ends at), got {cfg.min_lr_ratio}")
+
+
 def validate_eval(cfg: EvalConfig, *, check_files: bool) -> None:
-    from clipdist.eval.sets import resolve_classnames, resolve_templates  # holds the template sets
+    from clipdist.eval.sets import check_zero_shot_set  # holds the template sets
 
     _require(cfg.every_steps >= 0, "eval.every_steps", "must be >= 0")
     _require(cfg.local_batch >= 1, "eval.local_batch", f"must be >= 1, got {cfg.local_batch}")
@@ -340,14 +382,14 @@ def validate_eval(cfg: EvalConfig, *, check_files: bool) -> None:
             key = f"eval.{kind}[{i}]"
             valid_name = bool(eval_set.name) and not any(c in eval_set.name for c in "/ ")  # it becomes a metric path
             _require(valid_name, f"{key}.name", f"must be a non-empty name without '/' or spaces, got {eval_set.name!r}")
+            if getattr(eval_set, "root", ""):
+                continue  # a zero-shot set in clip_benchmark's layout: its root gives the shards (below)
             _require(bool(eval_set.urls), f"{key}.urls", "is empty")
             if check_files:
                 missing = missing_local_shards(eval_set.urls)
                 _require(not missing, f"{key}.urls", f"{len(missing)} shard(s) match no file, first: {missing[0] if missing else ''}")
     for i, eval_set in enumerate(cfg.zero_shot):
-        resolve_templates(eval_set.templates, f"eval.zero_shot[{i}].templates")
-        if check_files or not isinstance(eval_set.classnames, str):  # a file is read when files are checked
-            resolve_classnames(eval_set.classnames, f"eval.zero_shot[{i}].classnames")
+        check_zero_shot_set(eval_set, f"eval.zero_shot[{i}]", read_files=check_files)
 
 
 def train_sources(cfg: DataConfig) -> List[SourceConfig]:
@@ -418,27 +460,64 @@ def global_batch(cfg: Config, world_size: int) -> int:
 
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def packaged_conf_dir() -> Path:
+    """The config tree: clipdist/conf in an installed wheel (the build carries the repo's conf/
+    there, see pyproject.toml), else the conf/ beside the package in a source checkout."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if installed.is_dir() else package.parent / "conf"
 
 
-def load_config(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> Tuple[Config, Dict[str, Any]]:
+CONF_DIR = packaged_conf_dir()
+
+
+def load_config(
+    overrides: Sequence[str] = (), config_dir: Path = CONF_DIR, *, extra_config_dir: Optional[str] = None, config_name: str = "config"
+) -> Tuple[Config, Dict[str, Any]]:
     """Compose conf/ with Hydra overrides into a typed Config (and its resolved plain dict).
 
-    Unknown keys and wrong types become a ConfigError that names the key."""
-    from hydra import compose, initialize_config_dir
+    ``extra_config_dir`` is Hydra's ``--config-dir``: a user's own config tree, searched beside
+    conf/ (``+experiment=mine`` finds its experiment/mine.yaml). ``hydra.*`` overrides compose as
+    in any Hydra app: ``hydra.run.dir`` is the default of train.output_dir, ``hydra.searchpath``
+    adds config folders. Unknown keys and wrong types become a ConfigError that names the key."""
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
 
     register_configs()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            dict_cfg = compose(config_name="config", overrides=list(overrides))
+        initialize_hydra(config_dir, extra_config_dir)
+        dict_cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(dict_cfg)  # resolves ${hydra:run.dir} as under @hydra.main
+        with open_dict(dict_cfg):
+            del dict_cfg["hydra"]
         cfg = OmegaConf.to_object(dict_cfg)
         resolved = OmegaConf.to_container(dict_cfg, resolve=True)
+    except ConfigError:
+        raise
     except Exception as error:  # Hydra/OmegaConf raise many types; all are config errors here
         raise ConfigError(describe_config_error(error)) from error
+    finally:
+        GlobalHydra.instance().clear()
     return cfg, resolved
+
+
+def initialize_hydra(config_dir: Path, extra_config_dir: Optional[str]) -> None:
+    """Hydra's search path as its @hydra.main builds it: the primary config tree, then the
+    ``--config-dir`` tree ahead of the structured configs (hydra/_internal/utils.py, _run_hydra)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+
+    search_path = create_config_search_path(search_path_dir=str(Path(config_dir).resolve()))
+    if extra_config_dir is not None:
+        extra = Path(extra_config_dir).resolve()
+        if not extra.is_dir():
+            raise ConfigError(f"--config-dir: no such directory: {extra_config_dir}")
+        search_path.prepend(provider="command-line", path=f"file://{extra}", anchor=SearchPathQuery(provider="schema"))
+    Hydra.create_main_hydra2(task_name="clipdist", config_search_path=search_path)
 
 
 def describe_config_error(error: BaseException) -> str:

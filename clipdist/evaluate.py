@@ -5,8 +5,8 @@
     python -m clipdist.evaluate +experiment=digits train.resume=latest
 
 The weights: ``model.pretrained`` (an OpenAI or OpenCLIP file), else the clipdist checkpoint
-named by ``train.resume`` (``latest``: the newest under <train.output_dir>/checkpoints), else
-the seeded random initialisation. The images and prompts are split over all ranks, as in
+named by ``train.resume`` (``latest``: the newest under <train.output_dir>/checkpoints; any ZeRO
+stage, read as clipdist.export reads it), else the seeded random initialisation. The images and prompts are split over all ranks, as in
 training. Rank 0 prints a table and writes <train.output_dir>/eval.json.
 """
 
@@ -21,28 +21,43 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from clipdist.cli import start
+from clipdist.cli import refuse, start
 from clipdist.config import Config, ConfigError
 from clipdist.data import ensure_data
 from clipdist.distributed import DistEnv, barrier, destroy_distributed, init_distributed
 from clipdist.engine import Checkpointer
+from clipdist.engine.checkpoint_weights import model_from_checkpoint
 from clipdist.eval import EvalShape, run_evals
 from clipdist.fileio import write_text_atomically
 from clipdist.models import CLIP, build_model, load_pretrained
 
 log = logging.getLogger("clipdist")
 
-# Where DeepSpeed keeps the full module weights of a ZeRO 0-2 checkpoint.
-MODULE_STATES = "mp_rank_00_model_states.pt"
-
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    started = start(argv, training=False, check=require_eval_sets)
+    started = start(argv, training=False, check=check_inputs)
     if isinstance(started, int):
         return started
     env, cfg, _ = started
-    evaluate(cfg, env)
+    try:
+        evaluate(cfg, env)
+    except ConfigError as error:  # a checkpoint that does not fit the model config: every rank finds it alike
+        return refuse("config error", error)
     return 0
+
+
+def check_inputs(cfg: Config) -> None:
+    """Before any process group: something to evaluate, and a train.resume naming a checkpoint."""
+    require_eval_sets(cfg)
+    named_checkpoint(cfg)
+
+
+def named_checkpoint(cfg: Config) -> Optional[Path]:
+    """The clipdist checkpoint train.resume names; None without one, or when model.pretrained
+    gives the weights. A ConfigError (one line) when train.resume names no checkpoint."""
+    if cfg.model.pretrained:
+        return None
+    return Checkpointer(Path(cfg.train.output_dir) / "checkpoints", rank=0).resolve(cfg.train.resume)
 
 
 def require_eval_sets(cfg: Config) -> None:
@@ -58,7 +73,7 @@ def evaluate(cfg: Config, env: DistEnv) -> Dict[str, Any]:
         if env.rank == 0:
             ensure_data(cfg.data)  # the digits shards, on first use
         barrier()
-        model, weights = load_model(cfg, env.rank)
+        model, weights = load_model(cfg)
         started = time.perf_counter()
         shape = EvalShape(cfg.model.vision.image_size, cfg.model.text.context_length, env.rank, env.world_size, device)
         report = run_evals(cfg.eval, model.to(device), shape)
@@ -77,37 +92,18 @@ def evaluate(cfg: Config, env: DistEnv) -> Dict[str, Any]:
         destroy_distributed()
 
 
-def load_model(cfg: Config, rank: int) -> tuple[CLIP, str]:
+def load_model(cfg: Config) -> tuple[CLIP, str]:
     """The model to evaluate and a description of its weights."""
+    path = named_checkpoint(cfg)
+    if path is not None:
+        return model_from_checkpoint(cfg.model, path), f"checkpoint {path}"
     torch.manual_seed(cfg.train.seed)  # a random init must be the same on every rank
     model = build_model(cfg.model)
     if cfg.model.pretrained:
-        load_pretrained(model, cfg.model.pretrained)
+        load_pretrained(model, cfg.model.pretrained, cfg.model.pretrained_arch)
         return model, f"model.pretrained={cfg.model.pretrained}"
-    path = Checkpointer(Path(cfg.train.output_dir) / "checkpoints", rank).resolve(cfg.train.resume)
-    if path is not None:
-        load_checkpoint_module(model, path)
-        return model, f"checkpoint {path}"
     log.warning("evaluating the random initialisation (seed %d): set model.pretrained or train.resume for trained weights", cfg.train.seed)
     return model, f"random init (train.seed={cfg.train.seed})"
-
-
-def load_checkpoint_module(model: CLIP, checkpoint: Path) -> None:
-    """The module weights of a clipdist (DeepSpeed) checkpoint directory, ZeRO stage 0-2."""
-    file = checkpoint / MODULE_STATES
-    if not file.is_file():
-        raise FileNotFoundError(f"train.resume: {checkpoint} has no {MODULE_STATES}; is it a clipdist checkpoint directory?")
-    # DeepSpeed pickles its own objects beside the tensors, so this file needs a full unpickle:
-    # load only checkpoints you wrote.
-    states = torch.load(file, map_location="cpu", weights_only=False)
-    try:
-        model.load_state_dict(states["module"])
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[-1].strip()
-        raise ValueError(
-            f"train.resume: {file} does not fit the model config ({first}); "
-            "a ZeRO-3 checkpoint needs DeepSpeed's zero_to_fp32.py first"
-        ) from None
 
 
 def format_table(metrics: Dict[str, float]) -> str:

@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+import clipdist
 from clipdist.config import LoggingConfig
 from clipdist.fileio import write_text_atomically
 
@@ -133,8 +134,8 @@ def git_state(root: Path = PACKAGE_ROOT) -> Optional[Dict[str, Any]]:
 
 
 def _versions() -> Dict[str, Optional[str]]:
-    versions: Dict[str, Optional[str]] = {"python": sys.version.split()[0]}
-    for package in ("clipdist", "torch", "deepspeed", "wandb"):
+    versions: Dict[str, Optional[str]] = {"python": sys.version.split()[0], "clipdist": clipdist.__version__}
+    for package in ("torch", "deepspeed", "wandb"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -200,10 +201,38 @@ class MetricLogger:
             self.run = self._start_wandb(run_dir, {**safe_config, "run_info": run_info}, resuming)
 
     def _start_wandb(self, run_dir: Path, config: Dict[str, Any], resuming: bool):
+        """The wandb run: online when asked and possible, else offline. An online run that cannot
+        start (no API key, no server within logging.wandb_init_timeout_s) costs one warning line,
+        never the training run."""
         import wandb
 
         # Keep wandb quiet on the console; its files still land in run_dir/wandb.
         os.environ.setdefault("WANDB_SILENT", "true")
+        # No reports of wandb's own errors to the wandb server: where it does not answer, sending
+        # them held the process about 20 s at exit (and its errors may quote URLs).
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+        # A resumed launch (a requeued Slurm job) continues the same wandb run.
+        run_id = wandb_run_id(run_dir, resuming)
+        if self.cfg.wandb_mode != "online":
+            return self._init_wandb_run(wandb, self.cfg.wandb_mode, run_id, run_dir, config)
+        problem = online_wandb_problem(wandb)
+        if problem is None:
+            try:
+                return self._init_wandb_run(wandb, "online", run_id, run_dir, config)
+            # wandb raises its own errors (UsageError, CommError ...), TimeoutError past its grace
+            # period, OSError from its service process. Should the offline start below fail as
+            # well, that error stops the run: it is not the network's.
+            except Exception as error:
+                bound = f"logging.wandb_init_timeout_s={self.cfg.wandb_init_timeout_s:g}"
+                problem = f"{type(error).__name__} within {bound}: {first_line(error)}"
+                # wandb's service process keeps the failed run's id reserved; a fresh one lets
+                # the offline run keep the id (and a later `wandb sync` the same online run).
+                wandb.teardown()
+        run = self._init_wandb_run(wandb, "offline", run_id, run_dir, config)
+        log.warning("wandb: no online run (%s); logging offline instead, upload later with: wandb sync %s", problem, run.sync_dir)
+        return run
+
+    def _init_wandb_run(self, wandb, mode: str, run_id: str, run_dir: Path, config: Dict[str, Any]):
         settings = wandb.Settings(
             # Our run_info holds the commit; wandb's git capture would also record the remote
             # URL, which in CI checkouts often embeds a token.
@@ -211,15 +240,16 @@ class MetricLogger:
             # No copy of stdout/stderr: error messages quote shard URLs and commands verbatim.
             # The job's own log (torchrun's console, Slurm's output file) has every line.
             console="off",
+            # wandb's default is 90 s, during which every rank waits for rank 0.
+            init_timeout=self.cfg.wandb_init_timeout_s,
         )
         with redacted_argv():
             run = wandb.init(
-                # A resumed launch (a requeued Slurm job) continues the same wandb run.
-                id=wandb_run_id(run_dir, resuming),
+                id=run_id,
                 resume="allow",
                 project=redact(self.cfg.project),
                 name=redact(self.cfg.run_name),
-                mode=self.cfg.wandb_mode,
+                mode=mode,
                 dir=str(run_dir),
                 config=config,
                 settings=settings,
@@ -268,7 +298,27 @@ class MetricLogger:
         if self.metrics_file is not None:
             self.metrics_file.close()
         if self.run is not None:
+            offline, sync_dir = self.run.offline, self.run.sync_dir
             self.run.finish()
+            if offline:
+                log.info("wandb: offline run in %s; upload it with: wandb sync %s", sync_dir, sync_dir)
+
+
+def online_wandb_problem(wandb) -> Optional[str]:
+    """Why an online run cannot start, as far as can be told without the network: None when
+    wandb finds credentials (WANDB_API_KEY, a netrc file, an identity token ...). Never asks
+    for a key: without a terminal wandb.init would raise, with one (an interactive torchrun)
+    it would wait at a prompt while the other ranks wait for this one, and save the key."""
+    if wandb.login(prompt=False, verify=False):
+        return None
+    return "no API key: set WANDB_API_KEY or run `wandb login`"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, secrets redacted (wandb's errors add advice on
+    further lines, in terms of its own settings)."""
+    lines = str(error).strip().splitlines()
+    return redact(lines[0]) if lines else ""
 
 
 def wandb_run_id(run_dir: Path, resuming: bool) -> str:

@@ -21,8 +21,8 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from clipdist.cli import start
-from clipdist.config import Config, global_batch
+from clipdist.cli import refuse, start
+from clipdist.config import Config, ConfigError, global_batch
 from clipdist.data import DataError, TrainData, describe_counts, ensure_data
 from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from clipdist.engine import Checkpointer, TrainState, accumulation_groups, build_engine, effective_precision, input_dtype, train_step
@@ -43,6 +43,7 @@ from clipdist.log import MetricLogger
 from clipdist.losses import build_loss
 from clipdist.models import build_model, load_pretrained
 from clipdist.perf import ThroughputMeter, build_throughput_meter
+from clipdist.sweep import sweep_point
 
 log = logging.getLogger("clipdist")
 
@@ -61,7 +62,7 @@ class Components:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    started = start(argv)
+    started = start(argv, multirun_task=sweep_point)
     if isinstance(started, int):
         return started
     env, cfg, resolved = started
@@ -72,9 +73,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingStopped as stopped:
         log.error("clipdist: %s", stopped)
         return 1
+    except ConfigError as error:  # found before the engine: train.resume names no checkpoint this run can use
+        return refuse("config error", error)
     except DataError as error:  # found before the first step: the data cannot be used as configured
-        log.error("clipdist: data error: %s", error)
-        return 2
+        return refuse("data error", error)
     return 0
 
 
@@ -131,10 +133,12 @@ def build_components(
 ) -> Components:
     """Everything a run needs. Without ``stop`` and ``watchdog`` (a library caller), no signal
     stops it and no watchdog runs."""
+    run_dir = Path(cfg.train.output_dir)
+    checkpointer = Checkpointer(run_dir / "checkpoints", env.rank, keep=cfg.train.keep_checkpoints)
+    resume_from = checkpointer.resolve(cfg.train.resume, world_size=env.world_size)  # first: a wrong one costs seconds
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     prepare_shards(cfg, env)
-    run_dir = Path(cfg.train.output_dir)
     # Before the engine: a data source that cannot be used stops the run in seconds, not minutes.
     data = TrainData(
         cfg.data,
@@ -149,7 +153,7 @@ def build_components(
     )
     model = build_model(cfg.model)
     if cfg.model.pretrained:
-        load_pretrained(model, cfg.model.pretrained)  # before DeepSpeed: every rank loads the full weights
+        load_pretrained(model, cfg.model.pretrained, cfg.model.pretrained_arch)  # before DeepSpeed: every rank loads the full weights
     num_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     engine = build_engine(
         model,
@@ -171,8 +175,6 @@ def build_components(
         cfg.launch.nodes,
         cfg.launch.gpus_per_node,
     )
-    checkpointer = Checkpointer(run_dir / "checkpoints", env.rank, keep=cfg.train.keep_checkpoints)
-    resume_from = checkpointer.resolve(cfg.train.resume)
     return Components(
         engine=engine,
         loss_fn=build_loss(cfg.loss),

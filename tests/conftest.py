@@ -187,6 +187,22 @@ def torchrun_result(
     return result, [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
 
 
+def entry_point(module: str, *arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m <module> <arguments>` in one process, without a launcher (world size 1)."""
+    command = [sys.executable, "-m", module, *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **TRAIN_ENV})
+
+
+def one_line_error(result: subprocess.CompletedProcess, kind: str) -> str:
+    """The line ``clipdist: <kind>: ...`` of a refused run, after checking what every refusal
+    shows: exit status 2, that line alone among clipdist's on stderr, no traceback anywhere."""
+    output = result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("clipdist: ")]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in output, output[-3000:]
+    assert lines[0].startswith(f"clipdist: {kind}: "), lines[0]
+    return lines[0]
+
+
 class RankProcesses:
     """``python -m clipdist.train`` once per rank, without torchrun (as srun starts them), so a
     test can signal, stop or kill one rank; each rank's output goes to ``<log_dir>/rankN.log``."""

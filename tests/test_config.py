@@ -1,9 +1,8 @@
 """Config composition and validation: every mistake is one line naming the key."""
 
-import subprocess
-import sys
-
 import pytest
+
+from conftest import entry_point, one_line_error
 
 from clipdist.config import ConfigError, global_batch, load_config, validate
 
@@ -64,13 +63,32 @@ def test_recipe_runs_small_with_overrides():
     assert (cfg.model.name, cfg.model.vision.image_size, cfg.data.local_batch, cfg.data.name) == ("RN50", 224, 4, "digits")
 
 
-def test_cli_prints_one_line_and_exits_2():
-    result = subprocess.run(
-        [sys.executable, "-m", "clipdist.train", "data.local_btach=4"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("clipdist: config error:")]
-    assert errors == ["clipdist: config error: data.local_btach: Key 'local_btach' not in 'DataConfig'"], result.stderr
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("data.local_btach=4", "clipdist: config error: data.local_btach: Key 'local_btach' not in 'DataConfig'"),
+        ("optim.lr=-0.001", "clipdist: config error: optim.lr: must be > 0, got -0.001"),  # was PyTorch's traceback
+    ],
+    ids=["unknown_key", "negative_lr"],
+)
+def test_cli_prints_one_line_and_exits_2(override, line):
+    assert one_line_error(entry_point("clipdist.train", override), "config error") == line
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optim.lr=0", "optim.weight_decay=-0.1", "optim.beta1=1.0", "optim.beta2=-0.5", "optim.eps=0", "optim.warmup_steps=-1",
+     "optim.min_lr_ratio=1.5"],
+)
+def test_optimizer_settings_name_the_key(override):
+    key, value = override.split("=")
+    message = config_error(["+experiment=tiny", override])
+    assert message.startswith(f"{key}: must be ") and float(message.rsplit("got ", 1)[1]) == float(value), message
+
+
+def test_optimizer_settings_at_their_bounds_are_valid():
+    cfg, _ = load_config(["+experiment=tiny", "optim.weight_decay=0", "optim.beta1=0", "optim.warmup_steps=0", "optim.min_lr_ratio=1"])
+    validate(cfg, 2, check_data=False)
 
 
 def test_unquoted_brace_pattern_explains_the_quoting():
@@ -112,6 +130,7 @@ def test_eval_sets_compose_from_yaml_and_overrides(tmp_path):
         ("model.patch_dropout=1.0", "model.patch_dropout"),
         ("model.lock_image=true", "model.lock_image"),  # nothing pretrained to lock
         ("logging.peak_tflops=-1", "logging.peak_tflops"),
+        ("logging.wandb_init_timeout_s=0", "logging.wandb_init_timeout_s"),
     ],
 )
 def test_fault_and_speed_settings_name_the_key(override, key):

@@ -19,6 +19,7 @@ from clipdist.data.pipeline import iter_shard
 from clipdist.eval import EvalShape, run_evals
 from clipdist.eval.retrieval_data import decode_captions
 from clipdist.evaluate import main as evaluate_main
+from clipdist.export import export_open_clip
 from clipdist.models import build_model
 
 
@@ -39,7 +40,7 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path, digits):
     torch.manual_seed(3)
     model = build_model(cfg.model)
     weights = tmp_path / "weights.pt"
-    torch.save(model.state_dict(), weights)
+    export_open_clip(model.state_dict(), cfg.model, weights)  # with weights.json, which states the activation
 
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "clipdist.evaluate",
@@ -72,6 +73,17 @@ def test_nothing_to_evaluate_is_a_config_error(capsys):
     assert evaluate_main(["data=webdataset"]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert errors == ["clipdist: config error: eval.zero_shot: nothing to evaluate (eval.zero_shot and eval.retrieval are both empty)"]
+
+
+@pytest.mark.parametrize("resume", ["latest", "not_a_checkpoint"])
+def test_a_resume_that_names_no_checkpoint_is_a_config_error(tmp_path, digits, capsys, resume):
+    """The weights train.resume names are checked with the config, before any process group."""
+    (tmp_path / "empty").mkdir()
+    says = {"latest": f"train.resume=latest: no checkpoint in {tmp_path}/checkpoints (missing {tmp_path}/checkpoints/latest)",
+            "not_a_checkpoint": f"train.resume: {tmp_path}/empty is not a clipdist checkpoint (it has no data/rank00000.json)"}
+    value = "latest" if resume == "latest" else tmp_path / "empty"
+    assert evaluate_main([*eval_overrides(digits), f"train.output_dir={tmp_path}", f"train.resume={value}"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"clipdist: config error: {says[resume]}"]
 
 
 def test_digits_eval_captions_are_neither_training_captions_nor_prompts(digits):

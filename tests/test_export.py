@@ -89,7 +89,7 @@ def pretrained_runs(tmp_path_factory, open_clip):
     torch.manual_seed(0)
     reference = open_clip.create_model(name, pretrained=None).eval()
     perturb_(reference)
-    weights = tmp / "open_clip_vit_tiny.pt"
+    weights = tmp / f"{name}.pt"  # beside its config, whose quick_gelu states the weights' activation
     torch.save(reference.state_dict(), weights)
     run_dirs = {0: str(tmp / "run_zero0"), 3: str(tmp / "run_zero3")}
     module_states = run_distributed(_pretrained_run_on_rank, world_size=2, args=(train_urls, str(weights), run_dirs), timeout=240)
@@ -214,6 +214,8 @@ def test_builtin_names_are_open_clips_configs(open_clip):
     recipes = {"vitb32": "ViT-B-32-quickgelu", "vitb16": "ViT-B-16-quickgelu", "vitl14": "ViT-L-14-quickgelu", "rn50": "RN50-quickgelu", "rn101": "RN101-quickgelu", "rn50x4": "RN50x4-quickgelu", "vit_tiny": None, "rn_tiny": None}
     for recipe, name in recipes.items():
         assert builtin_name(open_clip_model_cfg(load_config([f"model={recipe}"])[0].model)) == name, recipe
+        gelu = builtin_name(open_clip_model_cfg(load_config([f"model={recipe}", "model.act=gelu"])[0].model))
+        assert gelu == (name and name.removesuffix("-quickgelu")), f"{recipe} model.act=gelu"
 
 
 def write_run_info(run_dir: Path, overrides: list) -> None:
@@ -249,3 +251,45 @@ def test_cli_refuses_a_config_that_does_not_fit_the_checkpoint(pretrained_runs, 
     assert error.count("\n") == 1
     assert export_main([str(run_dir), "--to", "open_clip", str(tmp_path / "x.json")]) == 2
     assert "the weights file needs another suffix (.pt, .safetensors)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_evaluate_reads_a_zero3_checkpoint_as_export_does(pretrained_runs, digits):
+    """python -m clipdist.evaluate train.resume=<ZeRO-3 checkpoint> merges the partitions with
+    export's loader and scores open_clip's weights: its zero-shot metrics equal those of the
+    reference (open_clip's state dict loaded directly, evaluated in this process) exactly, as
+    both compute in float32 on one thread from the same weights and images. A model config that
+    does not fit the checkpoint is the same one-line error as export's."""
+    from clipdist.engine.checkpoint_weights import CheckpointError
+    from clipdist.eval import EvalShape, run_evals
+    from clipdist.evaluate import load_model
+    from conftest import free_port
+
+    _, expected, _, run_dirs = pretrained_runs
+    checkpoint = run_dirs[3] / "checkpoints" / "step_00000000"
+    eval_dir = run_dirs[3].parent / "eval_zero3"
+    overrides = ["+experiment=tiny", f"eval.zero_shot.0.urls='{digits}/eval-{{000000..000001}}.tar'", "eval.retrieval=[]", "data.generate_digits=false"]
+    command = [sys.executable, "-m", "clipdist.evaluate", *overrides, f"train.resume={checkpoint}", f"train.output_dir={eval_dir}"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, f"evaluate failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    written = json.loads((eval_dir / "eval.json").read_text())
+    assert written["weights"] == f"checkpoint {checkpoint}"
+
+    cfg, _ = load_config(overrides)
+    model = build_model(cfg.model)
+    model.load_state_dict(expected)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the evaluate process (OMP_NUM_THREADS=1)
+    try:
+        shape = EvalShape(cfg.model.vision.image_size, cfg.model.text.context_length, rank=0, world_size=1, device=torch.device("cpu"))
+        reference = run_evals(cfg.eval, model.eval(), shape)
+    finally:
+        torch.set_num_threads(threads)
+    assert written["metrics"] == reference.metrics and written["metrics"]["eval/digits/count"] == 300
+    assert written["per_class_top1"] == {"digits": reference.per_class["digits"]}
+
+    digits_cfg, _ = load_config(["+experiment=digits", f"train.resume={checkpoint}"])
+    with pytest.raises(CheckpointError, match=rf"^{checkpoint} does not fit model config 'RN-tiny': shape of visual.conv1.weight"):
+        load_model(digits_cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import psutil
 import pytest
 import torch
 
+from clipdist.config import ConfigError
 from clipdist.engine.checkpoint import Checkpointer, prune_checkpoints
 from clipdist.faults import PEER_FAULT_EXIT, StopSignals, is_loader_worker_death, peer_error, requeue_slurm_job
 from conftest import QUIET_EVAL, TRAIN_ENV, RankProcesses, losses, torchrun, torchrun_result, train_overrides, wait_for_step
@@ -144,11 +146,39 @@ def test_a_launched_process_dies_with_its_launcher_or_exits_when_that_died_first
 def test_resume_auto_starts_fresh_without_a_checkpoint_and_latest_insists(tmp_path):
     checkpointer = Checkpointer(tmp_path, rank=0)
     assert checkpointer.resolve("auto") is None and checkpointer.resolve(None) is None
-    with pytest.raises(FileNotFoundError, match="train.resume=latest: no checkpoint"):
+    with pytest.raises(ConfigError, match="train.resume=latest: no checkpoint"):
         checkpointer.resolve("latest")
     (tmp_path / "latest").write_text("step_00000007")
-    with pytest.raises(FileNotFoundError, match="names step_00000007, which does not exist"):
+    with pytest.raises(ConfigError, match="names step_00000007, which does not exist"):
         checkpointer.resolve("auto")
+
+
+def test_resume_refuses_what_is_not_a_checkpoint_of_this_world_size(tmp_path):
+    """train.resume names a checkpoint by its files alone (every rank sees the same), so each
+    mistake is one ConfigError line before any engine or collective."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    step = checkpoints / "step_00000007"
+    (step / "data").mkdir(parents=True)
+    checkpointer = Checkpointer(checkpoints, rank=0)
+    with pytest.raises(ConfigError, match=f"^train.resume: no such checkpoint directory: {tmp_path}/nothing$"):
+        checkpointer.resolve(str(tmp_path / "nothing"))
+    (tmp_path / "weights.pt").touch()
+    with pytest.raises(ConfigError, match=r"^train.resume: .*weights.pt is a file; a checkpoint is a directory"):
+        checkpointer.resolve(str(tmp_path / "weights.pt"))
+    (checkpoints / "latest").write_text("step_00000007")
+    with pytest.raises(ConfigError) as refused:  # the run's folder: the message names its checkpoint
+        checkpointer.resolve(str(tmp_path / "run"))
+    assert str(refused.value) == (
+        f"train.resume: {tmp_path / 'run'} is not a clipdist checkpoint (it has no data/rank00000.json); its newest "
+        f"checkpoint is {step} (or train.resume=latest with train.output_dir={tmp_path / 'run'})"
+    )
+    with pytest.raises(ConfigError, match="step_00000007 is not a clipdist checkpoint"):  # data positions are what resume needs
+        checkpointer.resolve("latest")
+    for rank in (0, 1):
+        (step / "data" / f"rank{rank:05d}.json").write_text("{}")
+    assert checkpointer.resolve("latest", world_size=2) == checkpointer.resolve(str(step)) == step
+    with pytest.raises(ConfigError, match=re.escape(f"train.resume: {step} was written by 2 rank(s), this run has 1;")):
+        checkpointer.resolve("latest", world_size=1)
 
 
 def test_pruning_keeps_the_newest_complete_checkpoints_and_the_latest(tmp_path):

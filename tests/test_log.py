@@ -1,7 +1,10 @@
-"""MetricLogger against a real offline wandb run: samples-seen axis, run info, and no secrets."""
+"""MetricLogger against a real offline wandb run: samples-seen axis, run info, and no secrets;
+an online run that cannot reach wandb (no key, no server) trains on and logs offline."""
 
 import json
 import os
+import re
+import socket
 import struct
 import subprocess
 import sys
@@ -11,6 +14,7 @@ import pytest
 
 from clipdist.config import LoggingConfig, load_config
 from clipdist.log import PACKAGE_ROOT, MetricLogger, git_state, redact, redact_config
+from conftest import QUIET_EVAL, TRAIN_ENV, free_port, train_overrides
 
 # What a user might put in a run's config or environment; none of it may reach the run directory.
 ENV_TOKEN = "hf_envtoken0123456789abcdef"  # resolved into the config through ${oc.env:...}
@@ -173,3 +177,105 @@ def test_rows_carry_samples_seen_and_a_resumed_run_keeps_earlier_launches(tmp_pa
     assert info["world_size"] == 2 and info["resumed_from"] == "latest" and info["config"]["train"]["max_steps"] == 8
     assert info["previous_launches"] == [{k: v for k, v in first.items() if k != "previous_launches"}]
     assert not os.path.exists(tmp_path / "wandb")
+
+
+# ---------------------------------------------------------------------------------------------
+# logging.wandb_mode=online where wandb cannot be reached
+
+
+def host_without_wandb(tmp_path: Path, **variables: str) -> dict:
+    """The environment of a compute node with no wandb credentials and no route to a wandb
+    server: no WANDB_* variables from the caller, an absent netrc file, empty wandb config and
+    cache directories, and WANDB_BASE_URL at a closed local port (connections are refused)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {
+        **env, **TRAIN_ENV,
+        "NETRC": str(tmp_path / "netrc"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+        "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}",
+        "MASTER_PORT": str(free_port()),  # a single process without torchrun still opens a store
+        **variables,
+    }  # fmt: skip
+
+
+def wandb_lines(output: str) -> list[str]:
+    """Console lines from clipdist's wandb handling or from wandb itself ("wandb: ...")."""
+    return [line for line in output.splitlines() if "wandb:" in line]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_online_run_without_api_key_or_server_trains_and_logs_offline(tmp_path, digits):
+    """logging.wandb_mode=online on a host with no API key and no reachable server: the run
+    trains its 2 steps and exits 0; its one warning line says why it logs offline; metrics.jsonl
+    and the offline wandb run both hold the 2 steps; its last line is the `wandb sync` command."""
+    run_dir = tmp_path / "run"
+    overrides = train_overrides(run_dir, digits, *QUIET_EVAL, "train.max_steps=2", "logging.wandb_mode=online")
+    command = [sys.executable, "-m", "clipdist.train", *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=host_without_wandb(tmp_path), stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+    (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
+    warning, sync = wandb_lines(result.stdout + result.stderr)  # exactly these two
+    assert warning.endswith(
+        "wandb: no online run (no API key: set WANDB_API_KEY or run `wandb login`); "
+        f"logging offline instead, upload later with: wandb sync {offline_run}"
+    ), warning
+    assert result.stdout.splitlines()[-1] == sync and sync.endswith(f"wandb: offline run in {offline_run}; upload it with: wandb sync {offline_run}")
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["train/samples_seen"]) for row in rows if "train/loss" in row] == [(1, 16), (2, 32)]
+    histories = [r.history for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "history"]
+    samples_seen = [json.loads(i.value_json) for h in histories for i in h.item if (i.key or "/".join(i.nested_key)) == "train/samples_seen"]
+    assert samples_seen == [16, 32], "the offline wandb run holds both steps"
+
+
+BOUNDED_ONLINE_START = """
+import atexit, sys, time
+from pathlib import Path
+from clipdist.config import LoggingConfig
+from clipdist.log import MetricLogger, setup_console_logging
+
+# Registered first, so it runs after every exit hook wandb registers later.
+atexit.register(lambda: print(f"finished in {time.monotonic() - started:.1f} s", flush=True))
+setup_console_logging(rank=0)
+started = time.monotonic()
+logger = MetricLogger(LoggingConfig(wandb_mode="online", wandb_init_timeout_s=2), Path(sys.argv[1]), {}, rank=0)
+print(f"started in {time.monotonic() - started:.1f} s", flush=True)
+logger.log({"train/loss": 1.0}, 1, samples_seen=8)
+logger.close()
+"""
+
+
+def test_online_start_with_api_key_but_silent_server_is_bounded_and_writes_no_key(tmp_path):
+    """An API key, and a server that accepts connections but never answers (a hung server, or a
+    firewall's black hole): wandb would wait its default 90 s; clipdist gives up after
+    logging.wandb_init_timeout_s (2 s here), logs offline, and exits without waiting on the
+    server either. The key is written nowhere: not in the run directory, not in a netrc file,
+    not in wandb's own files."""
+    run_dir = tmp_path / "run"
+    with socket.socket() as silent_server:
+        silent_server.bind(("127.0.0.1", 0))
+        silent_server.listen(64)  # the kernel completes the connections; nobody reads them
+        env = host_without_wandb(tmp_path, WANDB_API_KEY=WANDB_KEY, WANDB_BASE_URL=f"http://127.0.0.1:{silent_server.getsockname()[1]}")
+        command = [sys.executable, "-c", BOUNDED_ONLINE_START, str(run_dir)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    started = float(re.search(r"started in ([0-9.]+) s", result.stdout)[1])
+    finished = float(re.search(r"finished in ([0-9.]+) s", result.stdout)[1])
+    # 2 s for the online try, then a new wandb service for the offline run (about 1.5 s on an idle
+    # machine, measured); 10 s leaves room for a loaded host and is far below wandb's own 90 s.
+    assert 2 <= started <= finished <= 10, f"started offline after {started} s, finished after {finished} s"
+    (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
+    warning, _ = wandb_lines(result.stdout + result.stderr)
+    assert re.search(r"wandb: no online run \(CommError within logging\.wandb_init_timeout_s=2: .+\); logging offline instead", warning), warning
+    assert warning.endswith(f"upload later with: wandb sync {offline_run}")
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
+
+    assert not (tmp_path / "netrc").exists()
+    for path in (p for p in tmp_path.rglob("*") if p.is_file()):
+        assert WANDB_KEY.encode() not in path.read_bytes(), f"API key written to {path.relative_to(tmp_path)}"

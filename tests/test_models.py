@@ -144,13 +144,16 @@ def open_clip_reference(cfg: ModelConfig):
     layers = tuple(vision.stage_blocks) if vision.arch == "resnet" else vision.layers
     vision_cfg = model_module.CLIPVisionCfg(layers=layers, width=vision.width, head_width=vision.head_width, patch_size=vision.patch_size, image_size=vision.image_size)
     text_cfg = model_module.CLIPTextCfg(context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size, width=cfg.text.width, heads=cfg.text.heads, layers=cfg.text.layers)
-    return model_module.CLIP(cfg.embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=True)
+    return model_module.CLIP(cfg.embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=cfg.act == "quick_gelu")
 
 
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 @pytest.mark.parametrize("cfg", [TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
-def test_matches_open_clip(cfg):
+def test_matches_open_clip(cfg, act):
     """open_clip is an independent implementation of the same architecture; its weights load
-    through load_openai_state_dict and both give the same embeddings (float32, atol 1e-5)."""
+    through load_openai_state_dict and both give the same embeddings (float32, atol 1e-5), with
+    either activation (open_clip's quick_gelu flag, our model.act)."""
+    cfg = ModelConfig(**{**cfg.__dict__, "act": act})
     torch.manual_seed(0)
     reference = open_clip_reference(cfg).eval()
     perturb_(reference)

@@ -150,11 +150,12 @@ def test_partition_preemption_requeues_and_resumes_to_the_same_final_loss(cluste
 
 
 def test_hydra_submitit_sweep_trains_each_point_as_a_two_rank_slurm_job(cluster, tmp_path, digits):
-    """`python -m clipdist.sweep -m hydra/launcher=clipdist_slurm ...`: submitit submits the
-    point with sbatch, its two tasks rendezvous from Slurm's variables and train."""
+    """`python -m clipdist.train -m hydra/launcher=clipdist_slurm ...` (Hydra's multirun on the
+    training entry point itself): submitit submits the point with sbatch, its two tasks
+    rendezvous from Slurm's variables and train in the point's own job directory."""
     launcher = ["hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10"]
     command = [
-        sys.executable, "-m", "clipdist.sweep", "-m", "hydra/launcher=clipdist_slurm", *launcher, f"hydra.sweep.dir={tmp_path}",
+        sys.executable, "-m", "clipdist.train", "-m", "hydra/launcher=clipdist_slurm", *launcher, f"hydra.sweep.dir={tmp_path}",
         "+experiment=tiny", *train_urls(digits), *QUIET_EVAL, "train.max_steps=3", "optim.lr=1e-3",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, env={**cluster.env, **TRAIN_ENV}, capture_output=True, text=True, timeout=400)

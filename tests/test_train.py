@@ -1,10 +1,11 @@
-"""End-to-end runs of the real entry point: torchrun, 2 CPU ranks, gloo, DeepSpeed, digits shards."""
+"""End-to-end runs of the real entry point: torchrun, 2 CPU ranks, gloo, DeepSpeed, digits shards;
+and the launches it refuses in one line."""
 
 import json
 import shutil
 
 import pytest
-from conftest import losses, torchrun
+from conftest import QUIET_EVAL, RankProcesses, entry_point, losses, one_line_error, torchrun, train_overrides
 from shard_helpers import write_faulty_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -105,3 +106,57 @@ def test_resume_on_faulty_shards_continues_the_same_samples(tmp_path, digits):
     assert full_data == json.loads((resumed_dir / "summary.json").read_text())["data"]
     assert full_data["data/rows"] == 9 * 16 and full_data["data/skipped/padded"] > 0
     assert full_data["data/skipped/missing_shard"] > 0 or full_data["data/skipped/truncated_shard"] > 0
+
+
+@pytest.mark.parametrize("resume", ["latest", "run_folder"])
+def test_a_resume_that_names_no_checkpoint_stops_with_one_line(tmp_path, digits, resume):
+    """train.resume=latest with no checkpoint yet, and train.resume=PATH of a run's folder rather
+    than a checkpoint: one line naming train.resume (it was the last line of a traceback), before
+    the shards are planned or the engine is built. For a run's folder the line names its checkpoint."""
+    run = tmp_path / "run"
+    if resume == "latest":
+        says = f"train.resume=latest: no checkpoint in {run}/checkpoints (missing {run}/checkpoints/latest)"
+    else:
+        (run / "checkpoints" / "step_00000007").mkdir(parents=True)
+        (run / "checkpoints" / "latest").write_text("step_00000007")
+        resume, says = str(run), f"train.resume: {run} is not a clipdist checkpoint (it has no data/rank00000.json); its newest checkpoint is {run}/checkpoints/step_00000007"
+    result = entry_point("clipdist.train", *train_overrides(run, digits, *QUIET_EVAL, f"train.resume={resume}"))
+    line = one_line_error(result, "config error")
+    assert line.startswith(f"clipdist: config error: {says}"), line
+    assert "samples; counts from" not in result.stdout and "parameters, global batch" not in result.stdout
+
+
+def test_every_rank_refuses_a_checkpoint_of_another_world_size(tmp_path, digits):
+    """Two ranks (no launcher) resume a checkpoint that one rank wrote. Each reads the same from
+    the files and exits 2 with the same line, before any collective; before, rank 0 found its own
+    data position and went on into DeepSpeed while rank 1 died with a traceback."""
+    step = tmp_path / "checkpoints" / "step_00000003"
+    (step / "data").mkdir(parents=True)
+    (step / "data" / "rank00000.json").write_text("{}")
+    (tmp_path / "checkpoints" / "latest").write_text(step.name)
+    ranks = RankProcesses(train_overrides(tmp_path, digits, *QUIET_EVAL, "train.resume=latest"), tmp_path / "logs")
+    try:
+        codes = ranks.wait(timeout=90)
+    finally:
+        ranks.kill()
+    line = f"clipdist: config error: train.resume: {step} was written by 1 rank(s), this run has 2; its data positions only carry over to the same world size"
+    for rank in (0, 1):
+        output = ranks.output(rank)
+        assert codes[rank] == 2 and "Traceback" not in output, output[-3000:]
+        assert [text for text in output.splitlines() if text.startswith("clipdist: ")] == [line], output[-3000:]
+
+
+def test_data_sources_on_the_digits_data_group_write_and_train_the_digits(tmp_path):
+    """The README's multi-source form on the digits quickstart (it crashed: the digits writer read
+    only data.train_urls): the digits set is written where the sources name its shards, and both
+    sources are planned. One process, 2 steps."""
+    shards, run = tmp_path / "digits", tmp_path / "run"
+    sources = f"[{{urls: '{shards}/train-{{000000..000001}}.tar', name: a}}, {{urls: '{shards}/train-{{000002..000003}}.tar', name: b}}]"
+    result = entry_point("clipdist.train", "+experiment=digits", "data.train_urls=null", f"data.sources={sources}", "train.global_batch=null",
+                         "train.max_steps=2", f"train.output_dir={run}", *QUIET_EVAL)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (shards / "train-index.json").exists() and (shards / "eval-index.json").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["data"]["data/rows"] == 128
+    mix = {key: share for key, share in summary["data"].items() if key.startswith("data/mix/")}
+    assert mix.keys() == {"data/mix/a", "data/mix/b"} and sum(mix.values()) == 1, mix  # 128 rows: one shard of either

@@ -22,7 +22,8 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from clipdist.data.shards import read_index, url_pattern
+from clipdist.config import expand_urls, is_local
+from clipdist.data.shards import read_index, shard_name, url_pattern
 from clipdist.data.write_shards import write_samples
 from clipdist.fileio import write_text_atomically
 
@@ -99,6 +100,20 @@ def is_current(out_dir: str) -> bool:
             return json.load(f).get("version") == FORMAT_VERSION
     except (OSError, ValueError):
         return False
+
+
+def digits_folder(urls: str) -> Optional[str]:
+    """The folder where the brace pattern ``urls`` names digits train shards and nothing else, if
+    the digits set may be written there: none of those shards exists yet, or the folder holds a
+    digits set (its version file). None otherwise, for the shards are someone's own data."""
+    paths = expand_urls(urls)
+    folders = {os.path.dirname(path) or "." for path in paths}
+    names = {os.path.basename(path) for path in paths}
+    if len(folders) != 1 or not all(map(is_local, paths)) or not names <= {shard_name("train", i) for i in range(TRAIN_SHARDS)}:
+        return None
+    folder = folders.pop()
+    ours = os.path.exists(version_path(folder)) or not any(map(os.path.exists, paths))
+    return folder if ours else None
 
 
 def is_complete(out_dir: str, prefix: str, num_shards: int, num_samples: int) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from clipdist.config import DataConfig, train_sources
+from clipdist.config import ConfigError, DataConfig, train_sources
 from clipdist.data.counts import SourceCounts, load_cached_counts, save_cached_counts
 from clipdist.data.pipeline import SKIP_REASONS, Batch, TrainLoader, build_train_loader, check_sources_readable, count_sources
 from clipdist.data.sources import dataset_fingerprint
@@ -200,8 +200,8 @@ class TrainData:
         if state.get("version") != POSITION_VERSION:
             raise ValueError(f"data position: version {state.get('version')} is not {POSITION_VERSION}")
         changed = [f"{key} {state.get(key)!r} → {value!r}" for key, value in self.shape().items() if state.get(key) != value]
-        if changed:
-            raise ValueError(
+        if changed:  # the config differs from the checkpoint's: one line (exit 2), not a traceback
+            raise ConfigError(
                 "train.resume: the checkpoint's data position does not fit this run ("
                 + ", ".join(changed)
                 + "); a mid-epoch position only carries over with the same mode, seed, world size, "

@@ -33,7 +33,6 @@ import functools
 import itertools
 import json
 import logging
-import os
 import signal
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -44,7 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipdist.config import DataConfig, expand_urls, is_local, missing_local_shards, source_key, train_sources
+from clipdist.config import DataConfig, expand_urls, source_key, train_sources
 from clipdist.data.counts import DataError, SourceCounts, count_all, shard_sample_counts
 from clipdist.data.sources import UNINDEXED, Shard, ShardDraws, epoch_shard_order, first_readable_samples, iter_shard, locate, read_positions
 from clipdist.data.transforms import load_image
@@ -502,14 +501,13 @@ def check_sources_readable(cfg: DataConfig, shards: Sequence[Sequence[Shard]], i
 
 
 def ensure_data(cfg: DataConfig) -> None:
-    """With ``cfg.generate_digits``, write the digits shards into the folder of the train shards
-    unless they are there and current (ensure_digits_shards checks its version file). Call it on
-    one rank while the others wait."""
-    if not cfg.generate_digits or not all(is_local(u) for u in expand_urls(cfg.train_urls or "")):
-        return  # remote or other shards are the user's: nothing to write
-    from clipdist.data.digits import ensure_digits_shards
+    """With ``cfg.generate_digits``, write the digits shards into each folder where a training
+    source (data.train_urls or any of data.sources) names them, unless they are there and current
+    (ensure_digits_shards checks its version file). Any other source is the user's own data and is
+    never written to. Call it on one rank while the others wait."""
+    if not cfg.generate_digits:
+        return
+    from clipdist.data.digits import digits_folder, ensure_digits_shards
 
-    ensure_digits_shards(os.path.dirname(expand_urls(cfg.train_urls)[0]) or ".")
-    missing = missing_local_shards(cfg.train_urls)
-    if missing:
-        raise ValueError(f"data.train_urls: the digits shards were written but {missing[0]} is not among them")
+    for folder in sorted({digits_folder(source.urls) for source in train_sources(cfg)} - {None}):
+        ensure_digits_shards(folder)

@@ -21,7 +21,7 @@ from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from clipdist.config import SourceConfig
+from clipdist.config import SourceConfig, is_local
 from clipdist.data.urls import PERMANENT_ERRORS, TruncatedArchive, check_complete, open_stream, retry_delay
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,7 @@ def tar_samples(stream: BinaryIO, url: str) -> Iterator[dict]:
     the next key's header is read, before that member's data, so a stream cut inside a member keeps
     every sample completed before it. Raises ConnectionCut (urls.py) when an HTTP transfer stopped
     early, and TruncatedArchive when the archive has no end marker."""
-    archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo)
-    archive.end_marker_seen = False
+    archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo)  # reads the first header
     current: Optional[dict] = None
     for member in archive:
         archive.members = []  # a streamed archive need not remember its members
@@ -86,7 +85,7 @@ def tar_samples(stream: BinaryIO, url: str) -> Iterator[dict]:
     check_complete(stream)
     if current is not None:
         yield current
-    if not archive.end_marker_seen:
+    if not getattr(archive, "end_marker_seen", False):  # an empty archive's marker is its first header
         raise TruncatedArchive(f"the archive ends at byte {archive.offset} without its end-of-archive blocks")
 
 
@@ -99,8 +98,14 @@ def iter_shard(url: str) -> Iterator[dict]:
         stream.close()
 
 
-def is_permanent(error: BaseException) -> bool:
-    return isinstance(error, PERMANENT_ERRORS)
+# A local file gives the same bytes when read again, so what is wrong with them (not a tar, a
+# directory, a duplicate member, no permission) stays wrong; only the operating system's own I/O
+# errors (a network file system's EIO or ESTALE) are worth a retry.
+LOCAL_CONTENT_ERRORS = (tarfile.TarError, EOFError, ValueError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def is_permanent(error: BaseException, url: str) -> bool:
+    return isinstance(error, PERMANENT_ERRORS) or (is_local(url) and isinstance(error, LOCAL_CONTENT_ERRORS))
 
 
 def count_by_reading(url: str, retries: int = 0) -> tuple[int, Optional[str]]:
@@ -113,7 +118,7 @@ def count_by_reading(url: str, retries: int = 0) -> tuple[int, Optional[str]]:
                 count += 1
             return count, None
         except READ_ERRORS as error:
-            if is_permanent(error) or attempt == retries:
+            if is_permanent(error, url) or attempt == retries:
                 problem = MISSING_SHARD if count == 0 and not isinstance(error, TruncatedArchive) else TRUNCATED_SHARD
                 logger.warning("%s: %s after %d samples (%s); counted as %d", url, problem, count, one_line(error), count)
                 return count, problem
@@ -167,7 +172,7 @@ def read_shard_range(shard: Shard, lo: int, hi: int, retries: int = 0) -> Iterat
             break
         except READ_ERRORS as error:
             failure = error
-            if is_permanent(error):
+            if is_permanent(error, shard.url):
                 break
     if done < hi:
         # Nothing read because of an error (not found, refused, garbage): missing. Samples read,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from clipdist.config import ConfigError
 from clipdist.fileio import fsync_directory, replaced_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,30 @@ class Checkpointer:
             tag = f"step_{step:08d}.{n}"
         return tag
 
-    def resolve(self, resume: Optional[str]) -> Optional[Path]:
+    def resolve(self, resume: Optional[str], world_size: Optional[int] = None) -> Optional[Path]:
         """`latest` → the newest complete checkpoint; `auto` → the same, or None (a fresh start)
-        when there is none yet; None → None; anything else is a checkpoint directory."""
+        when there is none yet; None → None; anything else is a checkpoint directory.
+
+        A ConfigError naming train.resume when that names no clipdist checkpoint or, given the
+        run's ``world_size``, one written by another number of ranks (its data positions cannot
+        carry over). It only looks at files, so every rank finds the same before any collective:
+        all stop together, in seconds, rather than one rank deep inside DeepSpeed."""
+        path = self._named_checkpoint(resume)
+        if path is None:
+            return None
+        first_position = Path("data", rank_file_name(0, "json"))  # every clipdist checkpoint has it
+        if not (path / first_position).is_file():
+            raise ConfigError(f"train.resume: {path} is not a clipdist checkpoint (it has no {first_position}){where_checkpoints_are(path)}")
+        if world_size is not None:
+            ranks = len(list((path / "data").glob("rank*.json")))
+            if ranks != world_size:
+                raise ConfigError(
+                    f"train.resume: {path} was written by {ranks} rank(s), this run has {world_size}; "
+                    "its data positions only carry over to the same world size"
+                )
+        return path
+
+    def _named_checkpoint(self, resume: Optional[str]) -> Optional[Path]:
         if not resume:
             return None
         if resume in (LATEST, AUTO):
@@ -89,18 +111,20 @@ class Checkpointer:
             if not pointer.exists():
                 if resume == AUTO:
                     return None
-                raise FileNotFoundError(f"train.resume=latest: no checkpoint in {self.directory} (missing {pointer})")
+                raise ConfigError(f"train.resume=latest: no checkpoint in {self.directory} (missing {pointer})")
             path = self.directory / pointer.read_text().strip()
             if not path.is_dir():
-                raise FileNotFoundError(f"train.resume={resume}: {pointer} names {path.name}, which does not exist")
+                raise ConfigError(f"train.resume={resume}: {pointer} names {path.name}, which does not exist")
             return path
         path = Path(resume)
+        if not path.exists():
+            raise ConfigError(f"train.resume: no such checkpoint directory: {resume}")
         if not path.is_dir():
-            raise FileNotFoundError(f"train.resume: {resume} is not a checkpoint directory")
+            raise ConfigError(f"train.resume: {resume} is a file; a checkpoint is a directory (step_N under <train.output_dir>/checkpoints)")
         return path
 
     def _per_rank_path(self, checkpoint: Path, kind: str, suffix: str) -> Path:
-        return checkpoint / kind / f"rank{self.rank:05d}.{suffix}"
+        return checkpoint / kind / rank_file_name(self.rank, suffix)
 
     def _new_rank_file(self, checkpoint: Path, kind: str, suffix: str) -> Path:
         path = self._per_rank_path(checkpoint, kind, suffix)
@@ -115,9 +139,7 @@ class Checkpointer:
         ``resolve``), with this rank's RNG restored; None when not resuming."""
         if path is None:
             return None
-        position_path = self.data_position_path(path)
-        if not position_path.exists():
-            raise FileNotFoundError(f"train.resume: {path} has no data position for rank {self.rank} ({position_path}); was it written with another world size?")
+        position_path = self.data_position_path(path)  # resolve() found one for every rank
         loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"train.resume: DeepSpeed could not load {path}")
@@ -127,6 +149,19 @@ class Checkpointer:
             restore_rng_state(torch.load(rng_path, weights_only=False))
         log.info("resumed from %s at step %d", path, state.step)
         return state, json.loads(position_path.read_text())
+
+
+def rank_file_name(rank: int, suffix: str) -> str:
+    """A rank's file in a checkpoint's data/ and rng/ folders."""
+    return f"rank{rank:05d}.{suffix}"
+
+
+def where_checkpoints_are(path: Path) -> str:
+    """A hint when ``path`` is a run's folder or its checkpoints folder: the checkpoint to name."""
+    for directory in (path, path / "checkpoints"):
+        if (directory / LATEST).is_file():
+            return f"; its newest checkpoint is {directory / (directory / LATEST).read_text().strip()} (or train.resume=latest with train.output_dir={directory.parent})"
+    return ""
 
 
 def prune_checkpoints(directory: Path, keep: int) -> list[str]:

@@ -21,7 +21,7 @@ from clipdist.data import build_eval_loader
 from clipdist.eval.embed import rank0_buffers
 from clipdist.eval.retrieval import RECALL_AT, retrieval_eval
 from clipdist.eval.retrieval_data import build_captioned_loader
-from clipdist.eval.sets import resolve_classnames, resolve_templates
+from clipdist.eval.sets import resolve_zero_shot_set
 from clipdist.eval.zero_shot import build_classifier, zero_shot_eval
 from clipdist.models import tokenize
 
@@ -61,13 +61,13 @@ def run_evals(cfg: EvalConfig, model: nn.Module, shape: EvalShape) -> EvalReport
 
 def run_zero_shot(cfg: EvalConfig, eval_set: ZeroShotSetConfig, index: int, model: nn.Module, shape: EvalShape, report: EvalReport) -> None:
     started = time.perf_counter()
-    classnames = resolve_classnames(eval_set.classnames, f"eval.zero_shot[{index}].classnames")
-    templates = resolve_templates(eval_set.templates, f"eval.zero_shot[{index}].templates")
+    resolved = resolve_zero_shot_set(eval_set, f"eval.zero_shot[{index}]")
+    classnames, templates = resolved.classnames, resolved.templates
     classifier = build_classifier(
         model, tokenize, classnames, templates, shape.device, context_length=shape.context_length, batch_size=cfg.local_batch
     )
     loader = build_eval_loader(
-        eval_set.urls, image_size=shape.image_size, rank=shape.rank, world_size=shape.world_size, batch_size=cfg.local_batch
+        resolved.urls, image_size=shape.image_size, rank=shape.rank, world_size=shape.world_size, batch_size=cfg.local_batch
     )
     result = zero_shot_eval(model, loader, classifier, shape.device)
     prefix = f"eval/{eval_set.name}"

@@ -101,3 +101,11 @@ SHORT = (
 )
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"imagenet80": IMAGENET80, "short": SHORT}
+
+# Where the class name goes: clipdist's '{}' or clip_benchmark's '{c}', so that the template files
+# of clip_benchmark's datasets work unchanged.
+PLACEHOLDERS = ("{}", "{c}")
+
+
+def fill_template(template: str, classname: str) -> str:
+    return template.format(classname, c=classname)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from clipdist.distributed import all_reduce_sum, get_rank, get_world_size
 from clipdist.eval.embed import Tokenizer, all_gather_rows, embed_texts, eval_mode, input_dtype
+from clipdist.eval.templates import fill_template
 
 # Label of padding rows, which pad a rank's last batch so that every rank sees the same
 # number of batches.
@@ -43,9 +44,9 @@ def build_classifier(
     if not classnames or not templates:
         raise ValueError(f"zero-shot classifier needs class names and templates, got {len(classnames)} and {len(templates)}")
     share = class_share(len(classnames), get_rank(), get_world_size())
-    prompts = [template.format(classnames[c]) for c in share for template in templates]
+    prompts = [fill_template(template, classnames[c]) for c in share for template in templates]
     embeddings = embed_texts(
-        model, tokenizer_fn, prompts, device, context_length, batch_size, filler=templates[0].format(classnames[0])
+        model, tokenizer_fn, prompts, device, context_length, batch_size, filler=fill_template(templates[0], classnames[0])
     )
     per_class = F.normalize(embeddings.reshape(len(share), len(templates), embeddings.shape[-1]).mean(dim=1), dim=-1)
     classifier, _ = all_gather_rows(per_class)

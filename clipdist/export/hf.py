@@ -49,7 +49,7 @@ def hf_config(cfg: ModelConfig, logit_scale: float) -> Dict[str, Any]:
             "num_hidden_layers": text.layers,
             "num_attention_heads": text.heads,
             "max_position_embeddings": text.context_length,
-            "hidden_act": "quick_gelu",
+            "hidden_act": cfg.act,  # model.act's names are transformers' ACT2FN names: gelu is exact
             "layer_norm_eps": LAYER_NORM_EPS,
             "projection_dim": cfg.embed_dim,
             # HF pools the text at the first eos_token_id; the tokenizer pads with EOT as well.
@@ -65,7 +65,7 @@ def hf_config(cfg: ModelConfig, logit_scale: float) -> Dict[str, Any]:
             "image_size": vision.image_size,
             "patch_size": vision.patch_size,
             "num_channels": 3,
-            "hidden_act": "quick_gelu",
+            "hidden_act": cfg.act,  # model.act's names are transformers' ACT2FN names: gelu is exact
             "layer_norm_eps": LAYER_NORM_EPS,
             "projection_dim": cfg.embed_dim,
         },

@@ -25,13 +25,14 @@ class CLIP(nn.Module):
         self.image_size = cfg.vision.image_size
         self.context_length = cfg.text.context_length
         self.max_logit_scale = cfg.max_logit_scale
+        self.act = cfg.act  # what load_pretrained checks a checkpoint's activation against
         if cfg.vision.arch == "vit":
-            self.visual: nn.Module = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.patch_dropout)
-        elif cfg.vision.arch == "resnet":
+            self.visual: nn.Module = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.patch_dropout, act=cfg.act)
+        elif cfg.vision.arch == "resnet":  # ReLUs (OpenAI's, open_clip's): model.act acts in the text tower only
             self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim)
         else:
             raise ValueError(f"model.vision.arch: expected 'vit' or 'resnet', got {cfg.vision.arch!r}")
-        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.text = TextTransformer(cfg.text, cfg.embed_dim, act=cfg.act)
         # log of the inverse softmax temperature. Shape (1,), not a 0-dim scalar: DeepSpeed's
         # ZeRO partitioning cannot handle 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale))

@@ -9,14 +9,30 @@ Accepted files:
   also open_clip's training checkpoints (``{"state_dict": {"module.visual...": ...}, ...}``),
   and ``.safetensors`` files;
 - state dicts written by ``python -m clipdist.export --to open_clip``.
+
+GELU and QuickGELU weights have the same keys and shapes: loaded into a model of the other
+activation they raise no error, and give other embeddings. So the file's activation must be
+known, and be model.act; it is known from (``checkpoint_activations``):
+
+- the file itself, when it is an OpenAI TorchScript release: QuickGELU;
+- an open_clip model config beside it: ``OUT.json`` beside ``OUT.pt`` (as ``clipdist.export``
+  writes, and open_clip's ``add_model_config`` reads) or ``open_clip_config.json`` in its
+  directory (open_clip's ``local-dir:`` and Hugging Face hub layout): its ``quick_gelu`` flag;
+- ``model.pretrained_arch``, the weights' open_clip model name: QuickGELU exactly when it ends in
+  ``-quickgelu``, open_clip's naming (``ViT-B-32`` is GELU, ``ViT-B-32-quickgelu`` QuickGELU).
+
+Anything else is refused in one line naming the keys to set. model.act itself states nothing
+about the file: every recipe sets it (vitb32: quick_gelu), so LAION weights would load silently
+wrong with +experiment=vitb32 if it did.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -26,16 +42,75 @@ from clipdist.models.clip import CLIP, load_openai_state_dict
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 # Prefixes that wrappers add to every key (DistributedDataParallel, torch.compile).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# open_clip marks its QuickGELU model configs so (ViT-B-32-quickgelu; tests/test_import.py checks
+# every built-in config that clipdist's towers can build).
+OPEN_CLIP_QUICKGELU_SUFFIX = "-quickgelu"
+# open_clip's local-dir / HF hub layout: {"model_cfg": ..., "preprocess_cfg": ...} beside the weights.
+OPEN_CLIP_DIR_CONFIG = "open_clip_config.json"
+_ACT_NAMES = {"quick_gelu": "QuickGELU", "gelu": "GELU"}
 
 
-def load_pretrained(model: CLIP, path: str) -> None:
-    """Load the weights in ``path`` into ``model``. Raises ValueError (one line, naming the
-    file and the first missing, unexpected or mis-shaped key) when they do not fit."""
-    state_dict = read_state_dict(path)
+def load_pretrained(model: CLIP, path: str, arch: Optional[str] = None) -> None:
+    """Load the weights in ``path`` into ``model``; ``arch`` is model.pretrained_arch. Raises
+    ValueError (one line, naming the file and what to set) when their activation is not known or
+    is not the model's, or when they do not fit (the first missing, unexpected or mis-shaped key)."""
+    state_dict = read_state_dict(path)  # first: a file that holds no weights is told so
+    problem = activation_problem(path, arch, model.act)
+    if problem:
+        raise ValueError(f"model.pretrained={path}: {problem}")
     try:
         load_openai_state_dict(model, state_dict)
     except ValueError as error:
         raise ValueError(f"model.pretrained={path}: {error}; is the model config the checkpoint's architecture?") from None
+
+
+def activation_problem(path: str, arch: Optional[str], act: str) -> Optional[str]:
+    """Why the weights in ``path`` cannot start a model.act=``act`` model (one line, saying
+    which keys to set), or None when they can."""
+    stated = checkpoint_activations(Path(path), arch)
+    if not stated:
+        return (
+            "a state dict does not say whether its weights were trained with GELU or QuickGELU (same keys and shapes): "
+            "name their open_clip model, e.g. model.pretrained_arch=ViT-B-32 model.act=gelu (open_clip's LAION-2B, DataComp weights) "
+            "or model.pretrained_arch=ViT-B-32-quickgelu model.act=quick_gelu (OpenAI's, MetaCLIP's)"
+        )
+    if len(set(stated.values())) > 1:
+        return "its activation is stated differently: " + ", ".join(f"{source} says {_ACT_NAMES[a]}" for source, a in stated.items())
+    source, weights_act = next(iter(stated.items()))
+    if weights_act != act:
+        return f"its weights are {_ACT_NAMES[weights_act]} ({source}), but model.act={act}: set model.act={weights_act}"
+    return None
+
+
+def checkpoint_activations(file: Path, arch: Optional[str]) -> Dict[str, str]:
+    """What states the activation of the weights in ``file``: {the statement, in words: model.act}."""
+    stated = {}
+    if file.is_file() and is_torchscript(file):
+        stated["an OpenAI TorchScript release"] = "quick_gelu"
+    for config_path, model_cfg in open_clip_configs_beside(file):
+        stated[f"{config_path.name} beside it"] = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"  # absent: GELU, as open_clip reads it
+    if arch:
+        stated[f"model.pretrained_arch={arch}"] = "quick_gelu" if arch.endswith(OPEN_CLIP_QUICKGELU_SUFFIX) else "gelu"
+    return stated
+
+
+def open_clip_configs_beside(file: Path) -> Iterator[Tuple[Path, Mapping[str, Any]]]:
+    """open_clip model configs that describe ``file``: ``<stem>.json``, and ``model_cfg`` of
+    the directory's open_clip_config.json. Other JSON files are no statement and are passed over."""
+    own = read_json(file.with_suffix(".json"))
+    if isinstance(own, Mapping) and "vision_cfg" in own:
+        yield file.with_suffix(".json"), own
+    directory = read_json(file.parent / OPEN_CLIP_DIR_CONFIG)
+    if isinstance(directory, Mapping) and isinstance(directory.get("model_cfg"), Mapping):
+        yield file.parent / OPEN_CLIP_DIR_CONFIG, directory["model_cfg"]
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file, or None when it is absent or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:

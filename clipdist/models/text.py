@@ -12,14 +12,14 @@ from clipdist.models.vit import Transformer
 
 
 class TextTransformer(nn.Module):
-    def __init__(self, cfg: TextConfig, embed_dim: int):
+    def __init__(self, cfg: TextConfig, embed_dim: int, *, act: str):
         super().__init__()
         self.context_length = cfg.context_length
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         # Causal: a token sees only those before it, so the EOT token summarises the whole
         # caption and padding after it cannot change the result.
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, causal=True)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, causal=True, act=act)
         self.ln_final = nn.LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
         self.init_parameters()

@@ -27,6 +27,18 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+# model.act (clipdist.config.ACTIVATIONS) -> the MLP activation. Neither has parameters: weights
+# trained with one load into the other without complaint, and compute something else
+# (clipdist.models.pretrained guards this).
+ACTIVATION_MODULES = {"quick_gelu": QuickGELU, "gelu": nn.GELU}  # nn.GELU: exact (erf), as open_clip's
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACTIVATION_MODULES:
+        raise ValueError(f"model.act: expected one of {list(ACTIVATION_MODULES)}, got {name!r}")
+    return ACTIVATION_MODULES[name]()
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter layout
     (packed ``in_proj_weight``/``in_proj_bias`` for q, k, v, then ``out_proj``)."""
@@ -59,14 +71,14 @@ class Attention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False, *, act: str):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(hidden, width))])
+            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", activation(act)), ("c_proj", nn.Linear(hidden, width))])
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,11 +89,11 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of residual attention blocks; the trunk of both towers."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False, *, act: str):
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio, causal) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio, causal, act=act) for _ in range(layers))
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +138,7 @@ class PatchDropout(nn.Module):
 class VisionTransformer(nn.Module):
     """Patchify, prepend a class token, transform, project the class token to ``embed_dim``."""
 
-    def __init__(self, cfg: VisionConfig, embed_dim: int, patch_dropout: float = 0.0):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, patch_dropout: float = 0.0, *, act: str):
         super().__init__()
         if cfg.image_size % cfg.patch_size != 0:
             raise ValueError(f"model.vision.patch_size {cfg.patch_size} does not divide image_size {cfg.image_size}")
@@ -138,7 +150,7 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.patch_dropout = PatchDropout(patch_dropout)
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, cfg.layers, width // cfg.head_width, cfg.mlp_ratio)
+        self.transformer = Transformer(width, cfg.layers, width // cfg.head_width, cfg.mlp_ratio, act=act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 
