@@ -25,6 +25,7 @@ import datetime
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -62,15 +63,37 @@ class StopSignals:
         self.received: Optional[str] = None
         self._previous: Dict[signal.Signals, object] = {}
         self._exiting = False
+        # Python runs a signal's handler only once the main thread is back in Python code; a rank
+        # blocked in a collective with a dead peer never is. The C-level handler also writes the
+        # signal's number into this pipe at once, for the watchdog thread (Watchdog.watch).
+        self.wakeup_fd: Optional[int] = None
+        self._wakeup_write: Optional[int] = None
+        self._previous_wakeup: Optional[int] = None
 
     def __enter__(self) -> StopSignals:
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
+        if self._previous_wakeup is None:  # the outer `with`: exiting() enters again
+            if self.wakeup_fd is None:
+                self.wakeup_fd, self._wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._previous_wakeup = signal.set_wakeup_fd(self._wakeup_write, warn_on_full_buffer=False)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._previous_wakeup is not None and not self._exiting:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            self._previous_wakeup = None
+
+    def arrived(self) -> List[str]:
+        """The stop signals that reached this process since the last call (any thread may ask),
+        whether or not their Python handler has run yet."""
+        try:
+            numbers = os.read(self.wakeup_fd, 1024) if self.wakeup_fd is not None else b""
+        except BlockingIOError:
+            numbers = b""
+        return [signal.Signals(n).name for n in numbers if n in {int(sig) for sig in self.signals}]
 
     @contextlib.contextmanager
     def exiting(self):
@@ -177,6 +200,7 @@ class Watchdog:
         self._last_progress = time.monotonic()
         self._beats = 0
         self._stop = threading.Event()
+        self._signals: Optional[StopSignals] = None
         self._thread = threading.Thread(target=self._run, name="clipdist-watchdog", daemon=True)
 
     @classmethod
@@ -188,6 +212,10 @@ class Watchdog:
         if self.world_size > 1:
             self._thread.start()
         return self
+
+    def watch(self, signals: StopSignals) -> None:
+        """Also answer stop signals that the main thread cannot: see _answer_signal."""
+        self._signals = signals
 
     def stop(self) -> None:
         """End the heartbeats and wait for the thread. A daemon thread still inside a store call
@@ -215,12 +243,43 @@ class Watchdog:
 
     def _run(self) -> None:
         self._beat()  # at once: a rank that dies before its first interval is still placed on its host
-        while not self._stop.wait(self.interval_s):
+        while not self._wait_for_beat_or_signal():
             self._beat()
+            for name in self._signals.arrived() if self._signals is not None else ():
+                self._answer_signal(name)
             stalled = time.monotonic() - self._last_progress
             if stalled > self.timeout_s and not self._stop.is_set():
                 self._abort(f"no progress for {stalled:.0f} s (train.fault_timeout_s={self.timeout_s:g}) after {self._what}: {self.blame()}")
         self._store = None  # its connection closes here, not at interpreter exit
+
+    def _wait_for_beat_or_signal(self) -> bool:
+        """Sleep one interval, or less when a stop signal arrives; True once stop() was called."""
+        if self._signals is not None and self._signals.wakeup_fd is not None:
+            select.select([self._signals.wakeup_fd], [], [], self.interval_s)
+        else:
+            self._stop.wait(self.interval_s)
+        return self._stop.is_set()
+
+    def _answer_signal(self, name: str) -> None:
+        """A stop signal whose Python handler has not run a moment later: the main thread is
+        blocked in native code, typically a collective. If peers are dead it will never return
+        (gloo's own timeout is 30 min), and a launcher's SIGKILL follows its SIGTERM within
+        seconds (Slurm's KillWait): say now which peers are to blame, and exit."""
+        deadline = time.monotonic() + 1.0
+        while self._signals.received is None and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.05)
+        if self._signals.received is not None or self._stop.is_set():
+            return  # the main thread answers it at the next step boundary
+        try:
+            looked = self._look()
+        except Exception as error:
+            peers = self._store_gone(error)
+        else:
+            if not looked[0]:
+                return  # every peer beats: a slow collective, not a dead one
+            peers = self._describe(*looked)
+        if not self._stop.is_set():  # else the main thread found the fault itself (explain)
+            self._abort(f"blocked in a collective when {name} arrived; peers: {peers}")
 
     def _beat(self) -> None:
         self._beats += 1
@@ -245,22 +304,41 @@ class Watchdog:
                 entries[rank] = json.loads(store.get(self._key(rank)))
         return entries
 
+    def _look(self) -> Tuple[List[int], List[int], Dict[int, dict], Dict[int, dict]]:
+        """(silent peers, peers behind, the two looks at the heartbeats): a few beats apart."""
+        before = self._read()
+        self._wait_beating(2.5 * self.interval_s)
+        after = self._read()
+        peers = [r for r in range(self.world_size) if r != self.rank and "left" not in after.get(r, {})]
+        silent = [r for r in peers if r not in after or after[r]["beats"] == before.get(r, {}).get("beats")]
+        behind = [r for r in peers if r in after and r not in silent and after[r]["progress"] < self._count]
+        return silent, behind, before, after
+
+    def _wait_beating(self, seconds: float) -> None:
+        """Sleep; the watchdog thread beats on meanwhile, so that peers looking at the same
+        moment (all blocked in one slow collective when a signal came) see it alive."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, self.interval_s))
+            if threading.current_thread() is self._thread:
+                self._beat()
+
     def blame(self) -> str:
         """Which peers are dead, frozen or behind: two looks at their heartbeats, a few beats apart.
         Peers that announced their own exit (``explain``) are survivors, not culprits."""
         try:
-            before = self._read()
-            time.sleep(2.5 * self.interval_s)
-            after = self._read()
+            return self._describe(*self._look())
         except Exception as error:
-            self._store = None
-            return (
-                f"the rendezvous store at {self._store_addr}:{self._store_port} is unreachable ({type(error).__name__}): "
-                "rank 0, or the launcher hosting it, is dead"
-            )
-        peers = [r for r in range(self.world_size) if r != self.rank and "left" not in after.get(r, {})]
-        silent = [r for r in peers if r not in after or after[r]["beats"] == before.get(r, {}).get("beats")]
-        behind = [r for r in peers if r in after and r not in silent and after[r]["progress"] < self._count]
+            return self._store_gone(error)
+
+    def _store_gone(self, error: Exception) -> str:
+        self._store = None
+        return (
+            f"the rendezvous store at {self._store_addr}:{self._store_port} is unreachable ({type(error).__name__}): "
+            "rank 0, or the launcher hosting it, is dead"
+        )
+
+    def _describe(self, silent: List[int], behind: List[int], before: Dict[int, dict], after: Dict[int, dict]) -> str:
         parts = []
         if silent:
             parts.append(f"rank(s) {silent} stopped sending heartbeats (dead, frozen or unreachable; {_hosts_of(silent, {**before, **after})})")

@@ -84,8 +84,10 @@ def train(cfg: Config, env: DistEnv, resolved: Dict[str, Any]) -> Dict[str, Any]
     """Train to train.max_steps, or until a stop signal (then checkpoint and requeue)."""
     cfg.deepspeed = effective_precision(cfg.deepspeed)
     init_distributed(env, socket_ifname=cfg.launch.socket_ifname)
-    watchdog = Watchdog.for_env(cfg.train.fault_timeout_s, env).start()
     stop = StopSignals()
+    watchdog = Watchdog.for_env(cfg.train.fault_timeout_s, env)
+    watchdog.watch(stop)
+    watchdog.start()
     try:
         with stop:
             run = build_components(cfg, env, resolved, stop, watchdog)

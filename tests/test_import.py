@@ -267,6 +267,7 @@ def test_unstated_or_contradicting_activation_is_refused_in_one_line(tmp_path, c
         "or model.pretrained_arch=ViT-B-32-quickgelu model.act=quick_gelu (OpenAI's, MetaCLIP's)"
     )
     # The entry points refuse before any process group, with the config keys that settle it.
+    capsys.readouterr()  # only the entry point's own output below (not open_clip's warnings above)
     assert evaluate_main(["+experiment=tiny", f"model.pretrained={path}"]) == 2
     assert capsys.readouterr().err == f"clipdist: config error: model.pretrained: {path}: {unstated}\n"
     assert evaluate_main(["+experiment=tiny", f"model.pretrained={path}", "model.pretrained_arch=ViT-B-32"]) == 2
