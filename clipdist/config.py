@@ -155,9 +155,11 @@ class DeepSpeedConfig:
 class TrainConfig:
     seed: int = 0
     max_steps: int = 1000
-    accum_steps: int = 1
+    # Micro-batches per optimizer step (GradCache: the loss still spans all of them), or "auto":
+    # train.global_batch / (data.local_batch × world size), whatever world size the launch has.
+    accum_steps: Any = 1
     # Optional statement of the global batch; when set it must equal
-    # data.local_batch × world_size × train.accum_steps.
+    # data.local_batch × world_size × train.accum_steps (with accum_steps=auto: the batch kept).
     global_batch: Optional[int] = None
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 0  # the newest N complete checkpoints stay, older ones go; 0: all stay
@@ -290,7 +292,9 @@ def missing_files(paths) -> List[str]:
 
 def validate(cfg: Config, world_size: int, *, check_data: bool = True, training: bool = True) -> None:
     """Check the values that no type system catches. Raises ConfigError naming the key.
-    ``training=False`` (python -m clipdist.evaluate) leaves out the training data and batch."""
+    ``training=False`` (python -m clipdist.evaluate) leaves out the training data and batch.
+    First settles train.accum_steps=auto for ``world_size``."""
+    settle_accumulation(cfg, world_size, training=training)
     _require(cfg.model.vision.arch in ("vit", "resnet"), "model.vision.arch", f"expected 'vit' or 'resnet', got {cfg.model.vision.arch!r}")
     _require(cfg.model.vision.image_size > 0, "model.vision.image_size", "must be positive")
     if cfg.model.vision.arch == "vit":
@@ -453,6 +457,33 @@ def validate_data(cfg: DataConfig, *, check_files: bool) -> None:
     if cfg.samples_per_epoch is not None:
         _require(cfg.mode == "resampled", "data.samples_per_epoch", "applies to data.mode=resampled only")
         _require(cfg.samples_per_epoch >= 1, "data.samples_per_epoch", "must be >= 1")
+
+
+AUTO = "auto"
+
+
+def settle_accumulation(cfg: Config, world_size: int, *, training: bool = True) -> None:
+    """train.accum_steps=auto becomes train.global_batch / (data.local_batch × world_size): the
+    global batch stays when a run continues on another number of ranks or nodes."""
+    accum = cfg.train.accum_steps
+    if accum != AUTO:
+        _require(isinstance(accum, int) and not isinstance(accum, bool), "train.accum_steps", f"expected an integer or 'auto', got {accum!r}")
+        return
+    if not training and cfg.train.global_batch is None:
+        cfg.train.accum_steps = 1  # evaluation: no step to accumulate
+        return
+    target = cfg.train.global_batch
+    _require(target is not None, "train.accum_steps", "auto keeps train.global_batch: set it too (e.g. train.global_batch=4096)")
+    per_micro_step = cfg.data.local_batch * world_size
+    _require(
+        target % per_micro_step == 0,
+        "train.global_batch",
+        f"{target} is not reachable on {world_size} rank(s) with data.local_batch={cfg.data.local_batch} "
+        f"(train.accum_steps=auto needs a multiple of {per_micro_step}); choose a data.local_batch that divides {target} / {world_size}"
+        if target % world_size == 0
+        else f"{target} is not reachable on {world_size} rank(s) with data.local_batch={cfg.data.local_batch}: {world_size} does not divide it",
+    )
+    cfg.train.accum_steps = target // per_micro_step
 
 
 def global_batch(cfg: Config, world_size: int) -> int:

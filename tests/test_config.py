@@ -36,6 +36,24 @@ def test_global_batch_must_equal_local_times_world_times_accumulation():
     assert message.startswith("train.global_batch:") and "= 128" in message
 
 
+@pytest.mark.parametrize("world_size, accum", [(8, 1), (4, 2), (2, 4), (1, 8)])
+def test_auto_accumulation_keeps_the_global_batch_on_any_world_size(world_size, accum):
+    cfg, _ = load_config(["+experiment=digits", "train.global_batch=512", "train.accum_steps=auto"])
+    validate(cfg, world_size)
+    assert cfg.train.accum_steps == accum and global_batch(cfg, world_size) == 512
+
+
+def test_auto_accumulation_refuses_a_global_batch_it_cannot_reach():
+    auto = ["+experiment=digits", "train.accum_steps=auto"]
+    assert config_error([*auto, "train.global_batch=null"]) == "train.accum_steps: auto keeps train.global_batch: set it too (e.g. train.global_batch=4096)"
+    assert config_error([*auto, "train.global_batch=192"], world_size=4) == (
+        "train.global_batch: 192 is not reachable on 4 rank(s) with data.local_batch=64 (train.accum_steps=auto needs a multiple of 256); "
+        "choose a data.local_batch that divides 192 / 4"
+    )
+    assert config_error([*auto, "train.global_batch=128"], world_size=3).endswith("3 does not divide it")
+    assert config_error(["+experiment=digits", "train.accum_steps=often"]) == "train.accum_steps: expected an integer or 'auto', got 'often'"
+
+
 def test_shard_pattern_matching_nothing_names_the_key(tmp_path):
     pattern = str(tmp_path / "missing-{000..003}.tar")
     message = config_error(["data=webdataset", f"data.train_urls='{pattern}'"])

@@ -153,7 +153,7 @@ def test_resume_auto_starts_fresh_without_a_checkpoint_and_latest_insists(tmp_pa
         checkpointer.resolve("auto")
 
 
-def test_resume_refuses_what_is_not_a_checkpoint_of_this_world_size(tmp_path):
+def test_resume_refuses_what_is_not_a_checkpoint_it_can_continue(tmp_path):
     """train.resume names a checkpoint by its files alone (every rank sees the same), so each
     mistake is one ConfigError line before any engine or collective."""
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -177,7 +177,9 @@ def test_resume_refuses_what_is_not_a_checkpoint_of_this_world_size(tmp_path):
     for rank in (0, 1):
         (step / "data" / f"rank{rank:05d}.json").write_text("{}")
     assert checkpointer.resolve("latest", world_size=2) == checkpointer.resolve(str(step)) == step
-    with pytest.raises(ConfigError, match=re.escape(f"train.resume: {step} was written by 2 rank(s), this run has 1;")):
+    assert checkpointer.resolve("latest", world_size=1) == step  # ZeRO-0: continues on another world size
+    (step / "zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
+    with pytest.raises(ConfigError, match=re.escape(f"train.resume: {step} holds the ZeRO optimizer partitions of 2 rank(s), this run has 1;")):
         checkpointer.resolve("latest", world_size=1)
 
 

@@ -126,20 +126,24 @@ def test_a_resume_that_names_no_checkpoint_stops_with_one_line(tmp_path, digits,
     assert "samples; counts from" not in result.stdout and "parameters, global batch" not in result.stdout
 
 
-def test_every_rank_refuses_a_checkpoint_of_another_world_size(tmp_path, digits):
-    """Two ranks (no launcher) resume a checkpoint that one rank wrote. Each reads the same from
-    the files and exits 2 with the same line, before any collective; before, rank 0 found its own
-    data position and went on into DeepSpeed while rank 1 died with a traceback."""
+def test_every_rank_refuses_zero_partitions_of_another_world_size(tmp_path, digits):
+    """Two ranks (no launcher) resume a ZeRO checkpoint that one rank wrote (its optimizer is
+    partitioned per rank). Each reads the same from the files and exits 2 with the same line,
+    before any collective, rather than one rank deep inside DeepSpeed."""
     step = tmp_path / "checkpoints" / "step_00000003"
     (step / "data").mkdir(parents=True)
     (step / "data" / "rank00000.json").write_text("{}")
+    (step / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     (tmp_path / "checkpoints" / "latest").write_text(step.name)
     ranks = RankProcesses(train_overrides(tmp_path, digits, *QUIET_EVAL, "train.resume=latest"), tmp_path / "logs")
     try:
         codes = ranks.wait(timeout=90)
     finally:
         ranks.kill()
-    line = f"clipdist: config error: train.resume: {step} was written by 1 rank(s), this run has 2; its data positions only carry over to the same world size"
+    line = (
+        f"clipdist: config error: train.resume: {step} holds the ZeRO optimizer partitions of 1 rank(s), this run has 2; "
+        "a checkpoint continues on another world size with deepspeed.zero_stage=0 only, so far"
+    )
     for rank in (0, 1):
         output = ranks.output(rank)
         assert codes[rank] == 2 and "Traceback" not in output, output[-3000:]

@@ -3,14 +3,18 @@ and the position a checkpoint stores so that a resumed run reads exactly what th
 run would have read next.
 
 Batch contents are a pure function of the plan (pipeline.py), so the position is small: epoch and
-next batch, plus what it must be read with (seed, ranks, workers, batch, shuffle, shards). The
-per-stream shard and sample offsets are stored too, for people and as a cross-check.
+next batch, the layout the epoch was planned for (ranks, accumulation, workers), and what it must
+be read with (seed, local and global batch, shuffle, shards). A launch with another layout reads
+the rest of that epoch as planned (ReslicedLoader: elastic resume). The per-stream shard and
+sample offsets are stored too, for people and as a cross-check.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -60,6 +64,44 @@ class DataStats:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = Counter(state["skipped"])
         self.rows = Counter({self.source_names.index(name): n for name, n in state["rows"].items()})
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What an epoch's batches were dealt for: its world size, accumulation and loader workers
+    (a plan is a pure function of these, the seed and the data)."""
+
+    world_size: int
+    accum_steps: int
+    num_workers: int
+
+
+class ReslicedLoader:
+    """The rest of an epoch planned for another layout, read by this launch's ranks so that every
+    step trains exactly the planned global batch (elastic resume; the same data.local_batch).
+
+    The planned step is world × accum micro-batch slots, slot j = (rank j // accum, micro-batch
+    j % accum). This launch's rank p trains slots p·accum' .. (p+1)·accum' - 1 of it, reading the
+    planned ranks that hold them (a planned rank split between two ranks here is read by both)."""
+
+    def __init__(self, planned: Layout, own: Layout, rank: int, start_step: int, build: Callable[[int, Layout, int], TrainLoader]):
+        self.planned, self.own, self.rank, self.start_step = planned, own, rank, start_step
+        self.slots = range(rank * own.accum_steps, (rank + 1) * own.accum_steps)
+        # Planned rank -> its loader from this step on (its micro-batches start_step·accum on).
+        self.loaders = {r: build(r, planned, start_step * planned.accum_steps) for r in sorted({j // planned.accum_steps for j in self.slots})}
+        first = next(iter(self.loaders.values()))
+        self.steps = len(first) // planned.accum_steps
+        self.dropped = first.dropped
+
+    def __len__(self) -> int:
+        return self.steps * self.own.accum_steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        streams = {r: iter(loader) for r, loader in self.loaders.items()}
+        for _ in range(self.start_step, self.steps):
+            step = {r: [next(stream) for _ in range(self.planned.accum_steps)] for r, stream in streams.items()}
+            for j in self.slots:
+                yield step[j // self.planned.accum_steps][j % self.planned.accum_steps]
 
 
 def describe_counts(metrics: dict[str, float]) -> str:
@@ -113,20 +155,31 @@ class TrainData:
         self.fingerprint = dataset_fingerprint(self.sources, self.shards)
         self.stats = DataStats([s.name for s in self.sources])
         self.epoch, self.next_batch = 0, 0
-        self.loader: Optional[TrainLoader] = None
+        self.layout = Layout(world_size, accum_steps, cfg.num_workers)
+        # The layout the current epoch was planned for: a checkpoint's, for the rest of its epoch
+        # when this launch has another world size (elastic resume), else this launch's.
+        self.epoch_layout = self.layout
+        self.loader: Optional[TrainLoader | ReslicedLoader] = None
         self.keys_file = keys_file
 
-    def build_loader(self, epoch: int, start: int) -> TrainLoader:
+    def build_loader(self, epoch: int, start: int) -> TrainLoader | ReslicedLoader:
+        """This rank's loader of ``epoch`` from its micro-batch ``start`` (a step boundary) on."""
+        if self.epoch_layout == self.layout:
+            return self.planned_loader(epoch, self.rank, self.layout, start)
+        step = start // self.accum_steps
+        return ReslicedLoader(self.epoch_layout, self.layout, self.rank, step, lambda rank, layout, first: self.planned_loader(epoch, rank, layout, first))
+
+    def planned_loader(self, epoch: int, rank: int, layout: Layout, start: int) -> TrainLoader:
         return build_train_loader(
-            self.cfg,
+            dataclasses.replace(self.cfg, num_workers=layout.num_workers),
             image_size=self.image_size,
             context_length=self.context_length,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=rank,
+            world_size=layout.world_size,
             seed=self.seed,
             epoch=epoch,
             start_step=start,
-            accum_steps=self.accum_steps,
+            accum_steps=layout.accum_steps,
             shards=self.shards,
         )
 
@@ -149,6 +202,7 @@ class TrainData:
                 self.record_keys(batch)
                 yield batch
             self.epoch, self.next_batch = self.epoch + 1, 0
+            self.epoch_layout = self.layout  # the next epoch is an ordinary one of this launch
 
     def global_metrics(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
         """DataStats.global_metrics (a collective), plus data/counting/<problem>: shards found
@@ -167,15 +221,13 @@ class TrainData:
     # -- position ------------------------------------------------------------------------------
 
     def shape(self) -> dict[str, Any]:
-        """What a position is only valid with."""
+        """What a position is only valid with: the same samples in the same global batches. The
+        world size, accumulation and workers may change (the rest of the epoch is resliced)."""
         return {
             "mode": self.cfg.mode,
             "seed": self.seed,
-            "world_size": self.world_size,
-            "rank": self.rank,
             "local_batch": self.cfg.local_batch,
-            "accum_steps": self.accum_steps,
-            "num_workers": self.cfg.num_workers,
+            "global_batch": self.cfg.local_batch * self.world_size * self.accum_steps,
             "shuffle_buffer": self.cfg.shuffle_buffer,
             "samples_per_epoch": self.cfg.samples_per_epoch,
             "dataset": self.fingerprint,
@@ -183,33 +235,48 @@ class TrainData:
 
     def state_dict(self) -> dict[str, Any]:
         loader = self.build_loader(self.epoch, self.next_batch)  # a plan only: nothing is read
-        plan = loader.plan
-        return {
+        step = self.next_batch // self.accum_steps
+        state = {
             "version": POSITION_VERSION,
             **self.shape(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "accum_steps": self.accum_steps,
+            "num_workers": self.cfg.num_workers,
             "epoch": self.epoch,
-            "next_batch": self.next_batch,
+            "layout": dataclasses.asdict(self.epoch_layout),  # the plan of this epoch
+            "next_batch": step * self.epoch_layout.accum_steps,  # in that plan's micro-batches
             "batches_per_epoch": len(loader),
-            "streams": [plan.describe_stream(s) for s in range(plan.num_streams)],
             "stats": self.stats.state_dict(),
         }
+        if isinstance(loader, TrainLoader):  # where each stream stands, for people and a cross-check (not resliced)
+            state["streams"] = [loader.plan.describe_stream(s) for s in range(loader.plan.num_streams)]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position; anything that would map it onto other samples is an
-        error naming what changed."""
+        """Continue from a saved position, on this launch's world size; anything that would map
+        it onto other samples or other global batches is an error naming what changed."""
         if state.get("version") != POSITION_VERSION:
             raise ValueError(f"data position: version {state.get('version')} is not {POSITION_VERSION}")
-        changed = [f"{key} {state.get(key)!r} → {value!r}" for key, value in self.shape().items() if state.get(key) != value]
+        layout = Layout(**state["layout"]) if "layout" in state else Layout(state["world_size"], state["accum_steps"], state["num_workers"])
+        saved = {**state, "global_batch": state["local_batch"] * layout.world_size * layout.accum_steps}
+        changed = [f"{key} {saved.get(key)!r} → {value!r}" for key, value in self.shape().items() if saved.get(key) != value]
         if changed:  # the config differs from the checkpoint's: one line (exit 2), not a traceback
             raise ConfigError(
                 "train.resume: the checkpoint's data position does not fit this run ("
                 + ", ".join(changed)
-                + "); a mid-epoch position only carries over with the same mode, seed, world size, "
-                "local batch, accumulation, data.num_workers, shuffle buffer and shards"
+                + "); a mid-epoch position carries over with the same mode, seed, data.local_batch, global batch "
+                "(train.accum_steps=auto keeps it on another world size), shuffle buffer and shards"
             )
-        self.epoch, self.next_batch = state["epoch"], state["next_batch"]
+        self.epoch, self.epoch_layout = state["epoch"], layout
+        self.next_batch = state["next_batch"] // layout.accum_steps * self.accum_steps
         self.stats.load_state_dict(state["stats"])
-        streams = self.state_dict()["streams"]
-        if streams != state["streams"]:
-            raise ValueError(f"train.resume: the data position's streams differ on recomputation: {streams} vs {state['streams']}")
+        if "streams" in state and layout == self.layout and self.state_dict()["streams"] != state["streams"]:
+            raise ValueError(f"train.resume: the data position's streams differ on recomputation: {self.state_dict()['streams']} vs {state['streams']}")
+        if layout != self.layout:
+            logger.info(
+                "data: resuming epoch %d at step %d, planned for %d rank(s) × %d accumulation × %d workers, read by this launch's %d × %d × %d",
+                self.epoch, self.next_batch // self.accum_steps, layout.world_size, layout.accum_steps, layout.num_workers,
+                self.world_size, self.accum_steps, self.cfg.num_workers,
+            )
         logger.info("data: resuming epoch %d at batch %d", self.epoch, self.next_batch)

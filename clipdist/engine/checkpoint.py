@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -96,10 +97,10 @@ class Checkpointer:
             raise ConfigError(f"train.resume: {path} is not a clipdist checkpoint (it has no {first_position}){where_checkpoints_are(path)}")
         if world_size is not None:
             ranks = len(list((path / "data").glob("rank*.json")))
-            if ranks != world_size:
+            if ranks != world_size and any(path.glob("*optim_states.pt")):
                 raise ConfigError(
-                    f"train.resume: {path} was written by {ranks} rank(s), this run has {world_size}; "
-                    "its data positions only carry over to the same world size"
+                    f"train.resume: {path} holds the ZeRO optimizer partitions of {ranks} rank(s), this run has {world_size}; "
+                    "a checkpoint continues on another world size with deepspeed.zero_stage=0 only, so far"
                 )
         return path
 
@@ -139,16 +140,32 @@ class Checkpointer:
         ``resolve``), with this rank's RNG restored; None when not resuming."""
         if path is None:
             return None
-        position_path = self.data_position_path(path)  # resolve() found one for every rank
+        positions = [json.loads(p.read_text()) for p in sorted((path / "data").glob("rank*.json"))]
         loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"train.resume: DeepSpeed could not load {path}")
         state = TrainState(**client_state["train_state"])
-        rng_path = self._per_rank_path(path, "rng", "pt")
-        if rng_path.exists():  # checkpoints before RNG was saved have none
-            restore_rng_state(torch.load(rng_path, weights_only=False))
-        log.info("resumed from %s at step %d", path, state.step)
-        return state, json.loads(position_path.read_text())
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if len(positions) == world_size:
+            rng_path = self._per_rank_path(path, "rng", "pt")
+            if rng_path.exists():  # checkpoints before RNG was saved have none
+                restore_rng_state(torch.load(rng_path, weights_only=False))
+            log.info("resumed from %s at step %d", path, state.step)
+            return state, positions[self.rank]
+        # Another world size (elastic resume): one position for all, its counts on rank 0 alone
+        # (metrics sum them over the ranks), and RNG streams derived from the run's seed and step.
+        torch.manual_seed(positions[0]["seed"] * 1_000_003 + state.step * 1_009 + self.rank)
+        log.info("resumed from %s at step %d, written by %d rank(s), on %d", path, state.step, len(positions), world_size)
+        return state, {**positions[0], "stats": summed_stats(positions) if self.rank == 0 else {"skipped": {}, "rows": {}}}
+
+
+def summed_stats(positions: list) -> dict:
+    """The data counters of every rank's position, added up."""
+    skipped, rows = Counter(), Counter()
+    for position in positions:
+        skipped.update(position["stats"]["skipped"])
+        rows.update(position["stats"]["rows"])
+    return {"skipped": dict(skipped), "rows": dict(rows)}
 
 
 def rank_file_name(rank: int, suffix: str) -> str:
