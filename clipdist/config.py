@@ -167,6 +167,10 @@ class TrainConfig:
     # (what a requeued Slurm job needs); "latest": that checkpoint, which must exist; or a
     # checkpoint directory.
     resume: Optional[str] = None
+    # When the checkpoint's data position does not fit this run (another local or global batch,
+    # seed, shuffle buffer or shards): continue from its weights and step at the start of the next
+    # epoch, leaving the rest of the interrupted one untrained, instead of stopping.
+    resume_inexact: bool = False
     # A rank that makes no progress for this long (dead, hung, or stuck in a collective with
     # one that is) stops every rank with a non-zero exit naming the culprit.
     fault_timeout_s: float = 600.0

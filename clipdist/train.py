@@ -152,6 +152,7 @@ def build_components(
         accum_steps=cfg.train.accum_steps,
         keys_file=run_dir / "keys" / f"rank{env.rank:05d}.txt" if cfg.data.record_keys else None,
         counts_file=run_dir / "shard_counts.json",
+        resume_inexact=cfg.train.resume_inexact,
     )
     model = build_model(cfg.model)
     if cfg.model.pretrained:
@@ -334,6 +335,8 @@ def summarize(cfg, env, state, train_metrics, eval_metrics, meter: ThroughputMet
     return {
         "model": cfg.model.name,
         "world_size": env.world_size,
+        # Every launch of the run, oldest first (an elastic resume changes it, not the global batch).
+        "launch_world_sizes": launch_world_sizes(Path(cfg.train.output_dir)),
         "global_batch": global_batch(cfg, env.world_size),
         "steps": state.step,
         "samples_seen": state.samples_seen,
@@ -344,6 +347,15 @@ def summarize(cfg, env, state, train_metrics, eval_metrics, meter: ThroughputMet
         "eval": eval_metrics,
         "train_state": asdict(state),
     }
+
+
+def launch_world_sizes(run_dir: Path) -> list:
+    """The world size of each launch that run_info.json records (this one last)."""
+    try:
+        info = json.loads((run_dir / "run_info.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [launch.get("world_size") for launch in [*info.get("previous_launches", []), info]]
 
 
 def write_summary(summary: Dict[str, Any], run_dir: Path, rank: int) -> None:

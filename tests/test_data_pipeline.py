@@ -294,12 +294,22 @@ def test_elastic_resume_trains_the_planned_global_batches_then_ordinary_epochs(t
     assert resumed[3:] != global_batches(planned_cfg, 4, 3, 8)[4:], "the next epoch is planned for the new layout"
 
 
-def test_elastic_resume_refuses_another_local_or_global_batch(tmp_path):
+def test_elastic_resume_refuses_another_local_or_global_batch_unless_inexact(tmp_path):
+    """Another local or global batch cannot train the planned global batches: one line naming the
+    change and the override; with train.resume_inexact the run goes on at the next epoch."""
     write_two_sources(str(tmp_path))
     cfg = two_sources(str(tmp_path), local_batch=1)
-    saved = TrainData(cfg, image_size=8, context_length=16, rank=0, world_size=4, seed=0, accum_steps=3).state_dict()
+    interrupted = TrainData(cfg, image_size=8, context_length=16, rank=0, world_size=4, seed=0, accum_steps=3)
+    take(iter(interrupted), 3)
+    saved = json.loads(json.dumps(interrupted.state_dict()))
     for world_size, accum_steps, local_batch, says in [(3, 3, 1, "global_batch 12 → 9"), (2, 3, 2, "local_batch 1 → 2")]:
-        other = TrainData(two_sources(str(tmp_path), local_batch=local_batch), image_size=8, context_length=16, rank=0, world_size=world_size, seed=0, accum_steps=accum_steps)
+        other_cfg = two_sources(str(tmp_path), local_batch=local_batch)
+        other = TrainData(other_cfg, image_size=8, context_length=16, rank=0, world_size=world_size, seed=0, accum_steps=accum_steps)
         with pytest.raises(ConfigError) as info:
             other.load_state_dict(saved)
-        assert says in str(info.value) and "\n" not in str(info.value)
+        assert says in str(info.value) and "train.resume_inexact=true" in str(info.value) and "\n" not in str(info.value)
+        inexact = TrainData(other_cfg, image_size=8, context_length=16, rank=0, world_size=world_size, seed=0, accum_steps=accum_steps, resume_inexact=True)
+        inexact.load_state_dict(saved)
+        fresh = TrainData(other_cfg, image_size=8, context_length=16, rank=0, world_size=world_size, seed=0, accum_steps=accum_steps)
+        fresh.epoch = 1
+        assert (inexact.epoch, inexact.next_batch) == (1, 0) and take(iter(inexact), 2) == take(iter(fresh), 2), "the next epoch, from its start"

@@ -5,6 +5,7 @@ workers) are in tests/test_data_pipeline.py."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -31,9 +32,11 @@ def global_batches(run_dir: Path, accum_steps: int) -> dict[tuple[int, int], set
 
 
 def continued(run_dir: Path, checkpoint: Path) -> Path:
-    """A new run directory holding only ``checkpoint``, as its latest."""
+    """A new run directory holding ``checkpoint`` as its latest, and the launches so far
+    (run_info.json), as a requeued job finds its own."""
     shutil.copytree(checkpoint, run_dir / "checkpoints" / checkpoint.name)
     (run_dir / "checkpoints" / "latest").write_text(checkpoint.name)
+    shutil.copy2(checkpoint.parent.parent / "run_info.json", run_dir / "run_info.json")
     return run_dir
 
 
@@ -52,6 +55,8 @@ def test_a_run_continues_on_half_then_twice_the_ranks_with_the_uninterrupted_los
     assert (sorted(halved), sorted(doubled)) == ([5, 6, 7, 8], [7, 8])
     for resumed in (halved, doubled):
         assert all(abs(resumed[step] - full[step]) <= 1e-5 for step in resumed), {s: (full[s], resumed[s]) for s in resumed}
+    summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in (two, four_again)]
+    assert [(s["launch_world_sizes"], s["global_batch"]) for s in summaries] == [([4, 2], 32), ([4, 2, 4], 32)]
     planned = global_batches(four, accum_steps=1)
     assert all(len(planned[0, step]) == 32 for step in range(8))
     for run_dir, accum_steps, steps in ((two, 2, range(4, 8)), (four_again, 1, range(6, 8))):

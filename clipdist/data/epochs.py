@@ -144,8 +144,10 @@ class TrainData:
         accum_steps: int = 1,
         keys_file: Optional[Path] = None,
         counts_file: Optional[Path] = None,
+        resume_inexact: bool = False,
     ):
         self.cfg, self.rank, self.world_size, self.seed, self.accum_steps = cfg, rank, world_size, seed, accum_steps
+        self.resume_inexact = resume_inexact  # train.resume_inexact
         self.image_size, self.context_length = image_size, context_length
         self.sources = train_sources(cfg)
         counted = computed_on_rank_zero(lambda: plan_sources(cfg, image_size, seed, counts_file))
@@ -260,17 +262,20 @@ class TrainData:
             raise ValueError(f"data position: version {state.get('version')} is not {POSITION_VERSION}")
         layout = Layout(**state["layout"]) if "layout" in state else Layout(state["world_size"], state["accum_steps"], state["num_workers"])
         saved = {**state, "global_batch": state["local_batch"] * layout.world_size * layout.accum_steps}
-        changed = [f"{key} {saved.get(key)!r} → {value!r}" for key, value in self.shape().items() if saved.get(key) != value]
+        changed = ", ".join(f"{key} {saved.get(key)!r} → {value!r}" for key, value in self.shape().items() if saved.get(key) != value)
+        self.stats.load_state_dict(state["stats"])
+        if changed and self.resume_inexact:
+            logger.warning("data: the checkpoint's data position does not fit this run (%s); train.resume_inexact: epoch %d is left unfinished, continuing with epoch %d", changed, state["epoch"], state["epoch"] + 1)
+            self.epoch, self.next_batch = state["epoch"] + 1, 0
+            return
         if changed:  # the config differs from the checkpoint's: one line (exit 2), not a traceback
             raise ConfigError(
-                "train.resume: the checkpoint's data position does not fit this run ("
-                + ", ".join(changed)
-                + "); a mid-epoch position carries over with the same mode, seed, data.local_batch, global batch "
-                "(train.accum_steps=auto keeps it on another world size), shuffle buffer and shards"
+                f"train.resume: the checkpoint's data position does not fit this run ({changed}); a mid-epoch position "
+                "carries over with the same mode, seed, data.local_batch, global batch (train.accum_steps=auto keeps it on "
+                "another world size), shuffle buffer and shards; train.resume_inexact=true continues with the next epoch instead"
             )
         self.epoch, self.epoch_layout = state["epoch"], layout
         self.next_batch = state["next_batch"] // layout.accum_steps * self.accum_steps
-        self.stats.load_state_dict(state["stats"])
         if "streams" in state and layout == self.layout and self.state_dict()["streams"] != state["streams"]:
             raise ValueError(f"train.resume: the data position's streams differ on recomputation: {self.state_dict()['streams']} vs {state['streams']}")
         if layout != self.layout:
