@@ -140,23 +140,26 @@ class Checkpointer:
         ``resolve``), with this rank's RNG restored; None when not resuming."""
         if path is None:
             return None
-        positions = [json.loads(p.read_text()) for p in sorted((path / "data").glob("rank*.json"))]
+        position_files = sorted((path / "data").glob("rank*.json"))
         loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"train.resume: DeepSpeed could not load {path}")
         state = TrainState(**client_state["train_state"])
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        if len(positions) == world_size:
+        if len(position_files) == world_size:  # each rank reads its own files only
             rng_path = self._per_rank_path(path, "rng", "pt")
             if rng_path.exists():  # checkpoints before RNG was saved have none
                 restore_rng_state(torch.load(rng_path, weights_only=False))
             log.info("resumed from %s at step %d", path, state.step)
-            return state, positions[self.rank]
-        # Another world size (elastic resume): one position for all, its counts on rank 0 alone
-        # (metrics sum them over the ranks), and RNG streams derived from the run's seed and step.
-        torch.manual_seed(positions[0]["seed"] * 1_000_003 + state.step * 1_009 + self.rank)
-        log.info("resumed from %s at step %d, written by %d rank(s), on %d", path, state.step, len(positions), world_size)
-        return state, {**positions[0], "stats": summed_stats(positions) if self.rank == 0 else {"skipped": {}, "rows": {}}}
+            return state, json.loads(self.data_position_path(path).read_text())
+        # Another world size (elastic resume): one position for all, the counts of every old rank
+        # on rank 0 alone (metrics sum them over the ranks), and RNG streams derived from the
+        # run's seed and step.
+        position = json.loads(position_files[0].read_text())
+        torch.manual_seed(position["seed"] * 1_000_003 + state.step * 1_009 + self.rank)
+        log.info("resumed from %s at step %d, written by %d rank(s), on %d", path, state.step, len(position_files), world_size)
+        stats = summed_stats([json.loads(f.read_text()) for f in position_files]) if self.rank == 0 else {"skipped": {}, "rows": {}}
+        return state, {**position, "stats": stats}
 
 
 def summed_stats(positions: list) -> dict:
