@@ -25,7 +25,16 @@ from clipdist.cli import refuse, start
 from clipdist.config import Config, ConfigError, global_batch
 from clipdist.data import DataError, TrainData, describe_counts, ensure_data
 from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
-from clipdist.engine import Checkpointer, TrainState, accumulation_groups, build_engine, effective_precision, input_dtype, train_step
+from clipdist.engine import (
+    Checkpointer,
+    TrainState,
+    accumulation_groups,
+    build_engine,
+    effective_precision,
+    input_dtype,
+    needs_universal_load,
+    train_step,
+)
 from clipdist.eval import EvalShape, run_evals, summary_fields
 from clipdist.faults import (
     PEER_FAULT_EXIT,
@@ -55,6 +64,7 @@ class Components:
     data: TrainData
     checkpointer: Checkpointer
     resume_from: Optional[Path]  # the checkpoint this launch continues, if any
+    universal_load: bool  # its ZeRO partitions are of another layout (world size, stage): reshaped on load
     logger: MetricLogger
     device: torch.device
     stop: StopSignals
@@ -137,7 +147,8 @@ def build_components(
     stops it and no watchdog runs."""
     run_dir = Path(cfg.train.output_dir)
     checkpointer = Checkpointer(run_dir / "checkpoints", env.rank, keep=cfg.train.keep_checkpoints)
-    resume_from = checkpointer.resolve(cfg.train.resume, world_size=env.world_size)  # first: a wrong one costs seconds
+    resume_from = checkpointer.resolve(cfg.train.resume, zero_stage=cfg.deepspeed.zero_stage)  # first: a wrong one costs seconds
+    universal = needs_universal_load(resume_from, env.world_size)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     prepare_shards(cfg, env)
@@ -166,6 +177,7 @@ def build_components(
         accum_steps=cfg.train.accum_steps,
         world_size=env.world_size,
         total_steps=cfg.train.max_steps,
+        load_universal=universal,
     )
     log.info(
         "%s: %.1fM parameters, global batch %d = %d local × %d ranks × %d accumulation (recipe: %d nodes × %d GPUs)",
@@ -184,6 +196,7 @@ def build_components(
         data=data,
         checkpointer=checkpointer,
         resume_from=resume_from,
+        universal_load=universal,
         logger=MetricLogger(
             cfg.logging,
             run_dir,
@@ -208,7 +221,7 @@ def prepare_shards(cfg: Config, env: DistEnv) -> None:
 
 def resume(run: Components) -> TrainState:
     """The loop's state, RNG and data position of the checkpoint named by train.resume."""
-    loaded = run.checkpointer.load(run.engine, run.resume_from)
+    loaded = run.checkpointer.load(run.engine, run.resume_from, universal=run.universal_load)
     if loaded is None:
         return TrainState()
     state, data_position = loaded

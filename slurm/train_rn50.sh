@@ -11,9 +11,8 @@
 # Environment and arguments: see slurm/launch.sh.
 #SBATCH --job-name=clipdist-rn50
 #SBATCH --nodes=4
-#SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=12
+#SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append

@@ -24,7 +24,6 @@ from clipdist.export import load_run_model, open_clip_model_cfg
 from clipdist.export.__main__ import main as export_main
 from clipdist.export.open_clip import open_clip_preprocess_cfg
 from clipdist.models import build_model, tokenize
-from conftest import torchrun
 
 # Under NumPy >= 2.4 clip_benchmark 1.6.2's accuracy() fails (float() of a one-element array);
 # this folder's sitecustomize.py swaps in the same computation for the clip_benchmark process.
@@ -111,19 +110,10 @@ def test_layout_root_in_the_config_and_its_errors(layout_root, tmp_path, capsys)
             resolve_templates([template], "k")
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory, digits) -> Path:
-    """A short 2-rank digits run; its end-of-run zero-shot eval is in summary.json. A third of
-    the quickstart at half its batch (~20 s here): measured 73 % top-1 (the quickstart: 98 %)."""
-    run_dir = tmp_path_factory.mktemp("digits_run")
-    short = ["train.max_steps=50", "optim.warmup_steps=5", "data.local_batch=32", "train.global_batch=64", "logging.log_every=50"]
-    torchrun(run_dir, digits, *short, "eval.retrieval=[]", "logging.wandb_mode=disabled", experiment="digits")
-    return run_dir
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_clip_benchmark_scores_the_export_as_clipdist_does(digits_run, layout_root, tmp_path, capsys):
+def test_clip_benchmark_scores_the_export_as_clipdist_does(quickstart_ring_run, layout_root, tmp_path, capsys):
+    digits_run = quickstart_ring_run  # the trained digits quickstart (conftest.py)
     pytest.importorskip("clip_benchmark", reason="clip_benchmark (test extra) is the independent reference; it does not import here")
     out = tmp_path / "exported" / "digits.pt"
     assert export_main([str(digits_run), "--to", "open_clip", str(out)]) == 0

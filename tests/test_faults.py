@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from clipdist.config import ConfigError
-from clipdist.engine.checkpoint import Checkpointer, prune_checkpoints
+from clipdist.engine.checkpoint import Checkpointer, needs_universal_load, prune_checkpoints
 from clipdist.faults import PEER_FAULT_EXIT, StopSignals, is_loader_worker_death, peer_error, requeue_slurm_job
 from conftest import QUIET_EVAL, TRAIN_ENV, RankProcesses, losses, torchrun, torchrun_result, train_overrides, wait_for_step
 
@@ -176,11 +176,30 @@ def test_resume_refuses_what_is_not_a_checkpoint_it_can_continue(tmp_path):
         checkpointer.resolve("latest")
     for rank in (0, 1):
         (step / "data" / f"rank{rank:05d}.json").write_text("{}")
-    assert checkpointer.resolve("latest", world_size=2) == checkpointer.resolve(str(step)) == step
-    assert checkpointer.resolve("latest", world_size=1) == step  # ZeRO-0: continues on another world size
+    assert checkpointer.resolve("latest", zero_stage=0) == checkpointer.resolve(str(step)) == step
+    assert not needs_universal_load(step, world_size=1)  # ZeRO-0: the one optimizer file loads on any world size
     (step / "zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
-    with pytest.raises(ConfigError, match=re.escape(f"train.resume: {step} holds the ZeRO optimizer partitions of 2 rank(s), this run has 1;")):
-        checkpointer.resolve("latest", world_size=1)
+    (step / "zero_pp_rank_1_mp_rank_00_optim_states.pt").touch()
+    assert checkpointer.resolve("latest", zero_stage=1) == checkpointer.resolve("latest", zero_stage=2) == step
+    assert needs_universal_load(step, world_size=1) and not needs_universal_load(step, world_size=2)
+    zero0, zero3 = checkpoints / "step_00000008", checkpoints / "step_00000009"
+    for checkpoint, files in ((zero0, ["mp_rank_00_model_states.pt"]), (zero3, ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])):
+        (checkpoint / "data").mkdir(parents=True)
+        for name in ["data/rank00000.json", *files]:
+            (checkpoint / name).write_text("{}")
+    cases = {  # (checkpoint, this run's stage): what it was written with, the stages that can take it
+        (step, 0): ("ZeRO-1/2 (the optimizer state partitioned per rank)", "1 or 2"),
+        (step, 3): ("ZeRO-1/2 (the optimizer state partitioned per rank)", "1 or 2"),
+        (zero3, 2): ("ZeRO-3 (parameters and optimizer state partitioned per rank)", "3"),
+        (zero0, 1): ("ZeRO-0 (the whole optimizer state in one file)", "0"),
+    }
+    for (checkpoint, stage), (written, stages) in cases.items():
+        with pytest.raises(ConfigError) as refused:
+            checkpointer.resolve(str(checkpoint), zero_stage=stage)
+        assert str(refused.value) == (
+            f"train.resume: {checkpoint} was written with {written}, this run has deepspeed.zero_stage={stage}; "
+            f"AdamW's moments do not carry over between the two: resume with deepspeed.zero_stage={stages}"
+        )
 
 
 def test_pruning_keeps_the_newest_complete_checkpoints_and_the_latest(tmp_path):

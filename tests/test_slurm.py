@@ -1,6 +1,8 @@
 """The sbatch scripts under a real Slurm (tests/slurm/local-up.sh brings one up; .ci/run does):
-a 2-task CPU job of slurm/train_rn50.sh (EXPERIMENT=tiny) is preempted mid-run, checkpoints,
-requeues itself, resumes from its checkpoint and ends with the uninterrupted run's final loss.
+a 2-task CPU job of slurm/train_rn50.sh (EXPERIMENT=tiny) is signalled mid-run (scancel
+--signal=USR1, what --signal=USR1@120 sends), checkpoints, requeues itself, resumes from its
+checkpoint and ends with the uninterrupted run's final loss. Preemption by a job of a higher
+partition is tested across two hosts (tests/test_slurm_multinode.py, the elastic resume).
 
 Every Slurm command goes to that test cluster through SLURM_CONF (tests/slurm_cluster.py), never
 to /etc/slurm; where it is not running and cannot be started here, these tests skip and say why.
@@ -127,26 +129,6 @@ def test_scancel_usr1_checkpoints_requeues_and_resumes_to_the_same_final_loss(cl
         check_cycle(job, time.time(), uninterrupted_final_loss, tmp_path, "scancel --signal=USR1")
     finally:
         job.cancel()
-
-
-def test_partition_preemption_requeues_and_resumes_to_the_same_final_loss(cluster, tmp_path, digits, uninterrupted_final_loss):
-    """A job in partition `high` preempts ours in `debug` (PreemptMode=REQUEUE): Slurm signals
-    our ranks, they checkpoint and requeue; the high job runs; ours resumes and completes."""
-    job = Job(cluster, tmp_path, digits, "--partition=debug")
-    high = None
-    try:
-        job.wait_for(lambda: job.steps_logged() >= 5, "step 5")
-        high = cluster.run(
-            "sbatch", "--parsable", "--partition=high", "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/high.out", "--wrap", "sleep 2",
-            check=True,
-        ).stdout.strip()  # fmt: skip
-        timings = check_cycle(job, time.time(), uninterrupted_final_loss, tmp_path, "partition preemption by a job in `high`")
-        assert "DUE TO PREEMPTION" in job.log() or "DUE TO JOB REQUEUE" in job.log()
-        assert timings["signal_to_checkpoint_s"] < 30, "checkpointed after Slurm's GraceTime: the signal did not reach the ranks"
-    finally:
-        job.cancel()
-        if high:
-            cluster.run("scancel", high)
 
 
 def test_hydra_submitit_sweep_trains_each_point_as_a_two_rank_slurm_job(cluster, tmp_path, digits):

@@ -18,11 +18,15 @@ family, the digits shards, a few steps, 2 nodes × 2 CPU tasks. Each test checks
 The faults across hosts (slurm/train_rn50.sh with rn_tiny, 30 steps, data.record_keys=true,
 against one shared 4-rank single-host run of the same config):
 
-- preemption, by `scancel --signal=USR1` and by a 2-node job in partition `high` (our `debug` has
-  PreemptMode=REQUEUE): every rank on both hosts stops after the same step k (each rank's
-  recorded batches, the "stopping after step k" lines), the shared run directory holds one
-  complete checkpoint (step k), the job requeues itself, restarts on node[1-2], resumes at k and
-  ends with the uninterrupted final loss (≤ 1e-6) having drawn exactly its batches on every rank;
+- preemption by `scancel --signal=USR1`: every rank on both hosts stops after the same step k
+  (each rank's recorded batches, the "stopping after step k" lines), the shared run directory
+  holds one complete checkpoint (step k), the job requeues itself, restarts on node[1-2],
+  resumes at k and ends with the uninterrupted final loss (≤ 1e-6) having drawn exactly its
+  batches on every rank;
+- elastic resume: `sbatch --nodes=1-2 slurm/train_vitl.sh` (ZeRO-2), preempted by a job in
+  partition `high` (our `debug` has PreemptMode=REQUEUE) with node2 drained, requeues onto node1
+  alone and finishes on 2 ranks with the uninterrupted 2-host job's batches, losses and final
+  weights (≤ 1e-5);
 - node loss: every process on node2 SIGKILLed and node2 marked DOWN: the node1 ranks name ranks
   [2, 3] on node2 in one line each and are gone within train.fault_timeout_s + 30 s, no
   traceback, nothing left on either host; Slurm requeues the job and, node2 back, it resumes from
@@ -44,12 +48,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
-from conftest import QUIET_EVAL, TRAIN_ENV, losses, torchrun
+from clipdist.export import checkpoint_state_dict
+from conftest import QUIET_EVAL, TRAIN_ENV, keys_by_step, losses, torchrun
 from slurm_cluster import Cluster, job_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +66,11 @@ WORLD = NODES * TASKS_PER_NODE
 STEPS = 20
 # The #SBATCH lines ask for 8 nodes × 8 GPUs × 12 CPUs and 48 h; these options win over them.
 CPU_JOB = [f"--nodes={NODES}", f"--ntasks-per-node={TASKS_PER_NODE}", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
-# script -> (its own experiment, the tiny model of the same family)
-SCRIPTS = {"train_vitl.sh": ("vitl14", "vit_tiny"), "train_rn50.sh": ("rn50", "rn_tiny")}
+# The ViT job keeps its global batch whatever the node count (the elastic test below requeues it
+# onto one host) and records its keys: 4 ranks × 8 × 1 micro-batch, or 2 ranks × 8 × 2.
+KEPT_BATCH = ("train.global_batch=32", "train.accum_steps=auto", "data.record_keys=true")
+# script -> (its own experiment, the tiny model of the same family, further overrides)
+SCRIPTS = {"train_vitl.sh": ("vitl14", "vit_tiny", KEPT_BATCH), "train_rn50.sh": ("rn50", "rn_tiny", ())}
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
 
 
@@ -199,12 +208,34 @@ def first_step_logged(run_dir: Path) -> bool:
     return metrics.exists() and any('"train/loss"' in line for line in metrics.read_text().splitlines())
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_sbatch_script_trains_across_two_hosts_like_one_host(cluster, tmp_path, digits, script):
-    experiment, model = SCRIPTS[script]
-    addresses = host_addresses(cluster)
+@dataclass
+class TwoHostRun:
+    """A completed 2-host job of a script, and what was seen of it while it ran."""
+
+    job_id: str
+    run_dir: Path
+    output: Path
+    observed: Observed
+    timings: dict
+
+
+@pytest.fixture(scope="module")
+def two_host_runs(cluster, tmp_path_factory, digits):
+    """script -> its 2-host job, run once (the elastic test's uninterrupted reference, too)."""
+    runs: dict[str, TwoHostRun] = {}
+
+    def run(script: str) -> TwoHostRun:
+        if script not in runs:
+            runs[script] = run_two_host_job(cluster, tmp_path_factory.mktemp(f"two-hosts-{script}"), digits, script)
+        return runs[script]
+
+    return run
+
+
+def run_two_host_job(cluster: Cluster, tmp_path: Path, digits: Path, script: str) -> TwoHostRun:
+    _, model, extra = SCRIPTS[script]
     submitted_at = time.time()
-    job_id, run_dir, output = submit(cluster, script, tmp_path, digits, model)
+    job_id, run_dir, output = submit(cluster, script, tmp_path, digits, model, overrides=[*cpu_sized(model, digits), *extra])
     observed = Observed(cluster, job_id)
     running_at = first_step_at = None
     try:
@@ -224,6 +255,21 @@ def test_sbatch_script_trains_across_two_hosts_like_one_host(cluster, tmp_path, 
         done_at = time.time()
     finally:
         cluster.run("scancel", job_id)
+    timings = {
+        "sbatch_to_running_s": round(running_at - submitted_at, 1) if running_at else None,
+        "running_to_first_step_s": round(first_step_at - running_at, 1) if first_step_at and running_at else None,
+        "sbatch_to_first_step_s": round(first_step_at - submitted_at, 1) if first_step_at else None,
+        "sbatch_to_completed_s": round(done_at - submitted_at, 1),
+    }
+    return TwoHostRun(job_id, run_dir, output, observed, timings)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_sbatch_script_trains_across_two_hosts_like_one_host(cluster, tmp_path, digits, script, two_host_runs):
+    experiment, model, extra = SCRIPTS[script]
+    addresses = host_addresses(cluster)
+    run = two_host_runs(script)
+    job_id, run_dir, output, observed = run.job_id, run.run_dir, run.output, run.observed
     log, shown = log_of(output), job_state(cluster, job_id)
     assert shown.get("JobState") == "COMPLETED" and shown.get("ExitCode") == "0:0", f"job {job_id}: {shown}\n{log[-5000:]}"
     assert "Traceback" not in log, log[-5000:]
@@ -251,23 +297,15 @@ def test_sbatch_script_trains_across_two_hosts_like_one_host(cluster, tmp_path, 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == WORLD and summary["steps"] == STEPS, summary
     two_hosts = losses([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
-    one_host = losses(torchrun(tmp_path / "one-host", digits, *cpu_sized(model, digits), nproc=WORLD, experiment=experiment))
+    one_host = losses(torchrun(tmp_path / "one-host", digits, *cpu_sized(model, digits), *extra, nproc=WORLD, experiment=experiment))
     assert sorted(two_hosts) == sorted(one_host) == list(range(1, STEPS + 1)), (two_hosts, one_host)
     max_diff = max(abs(two_hosts[step] - one_host[step]) for step in one_host)
     assert max_diff <= 1e-5, {step: (two_hosts[step], one_host[step]) for step in one_host}
 
-    timings = {
-        "script": script,
-        "experiment": f"{experiment} with {model}, {STEPS} steps, {NODES} hosts x {TASKS_PER_NODE} CPU ranks",
-        "sbatch_to_running_s": round(running_at - submitted_at, 1),
-        "running_to_first_step_s": round(first_step_at - running_at, 1),
-        "sbatch_to_first_step_s": round(first_step_at - submitted_at, 1),
-        "sbatch_to_completed_s": round(done_at - submitted_at, 1),
-        "loss_max_abs_diff_vs_one_host": max_diff,
-    }
-    with open(tmp_path.parent / "slurm-multinode-timings.json", "a") as f:
-        f.write(json.dumps(timings) + "\n")
-    print(json.dumps(timings))
+    record(tmp_path, {
+        "script": script, "experiment": f"{experiment} with {model}, {STEPS} steps, {NODES} hosts x {TASKS_PER_NODE} CPU ranks",
+        **run.timings, "loss_max_abs_diff_vs_one_host": max_diff,
+    })  # fmt: skip
 
 
 def log_of(output: Path) -> str:
@@ -301,11 +339,16 @@ def uninterrupted(tmp_path_factory, digits) -> dict:
 
 
 class Job:
-    """A submitted 2-host job of slurm/train_rn50.sh, its log and run directory."""
+    """A submitted 2-host job of slurm/train_rn50.sh (or of ``script`` with ``overrides``), its
+    log and run directory."""
 
-    def __init__(self, cluster: Cluster, tmp_path: Path, digits: Path, *sbatch_args: str, extra: tuple = ()):
+    def __init__(
+        self, cluster: Cluster, tmp_path: Path, digits: Path, *sbatch_args: str, extra: tuple = (), script: str = "train_rn50.sh",
+        overrides: Optional[list[str]] = None, job: list[str] = CPU_JOB, python: Optional[dict] = None,
+    ):  # fmt: skip
         self.cluster = cluster
-        self.id, self.run_dir, self.output = submit(cluster, "train_rn50.sh", tmp_path, digits, PREEMPTED[1], sbatch_args, fault_overrides(digits, *extra))
+        overrides = fault_overrides(digits, *extra) if overrides is None else overrides
+        self.id, self.run_dir, self.output = submit(cluster, script, tmp_path, digits, PREEMPTED[1], sbatch_args, overrides, job=job, python=python)
 
     def state(self) -> dict[str, str]:
         return job_state(self.cluster, self.id)
@@ -418,26 +461,86 @@ def test_scancel_usr1_stops_both_hosts_after_the_same_step_and_the_requeued_job_
         job.cancel()
 
 
-def test_partition_preemption_stops_both_hosts_and_the_requeued_job_ends_like_an_uninterrupted_one(cluster, tmp_path, digits, uninterrupted):
-    """A 2-node job in partition `high` preempts ours in `debug` (PreemptMode=REQUEUE,
-    GraceTime=30): Slurm sends our ranks on both hosts the job's signal (USR1), they checkpoint
-    and requeue; the high job runs; ours resumes on both hosts and completes."""
-    job = Job(cluster, tmp_path, digits, "--partition=debug")
+def test_a_job_preempted_on_two_hosts_finishes_on_one_with_the_model_of_the_uninterrupted_two_host_job(cluster, tmp_path, digits, two_host_runs):
+    """Elastic resume on the cluster: `sbatch --nodes=1-2 slurm/train_vitl.sh` (ZeRO-2, as its
+    recipe; global batch 32 kept with train.accum_steps=auto) starts on both hosts. node2 is
+    drained (no new job lands there; ours runs on), and a 1-node job in partition `high` on node1
+    preempts ours: Slurm signals our ranks on both hosts, they checkpoint after the same step k
+    and requeue. The requeued job starts on node1 alone with 2 ranks, turns the 4 ranks' ZeRO
+    partitions into a universal checkpoint, accumulates 2 micro-batches per step and finishes:
+    - every step after k trains exactly the uninterrupted 2-host job's global batch (keys), and
+      its loss within 1e-5; the final weights equal that job's within 1e-5;
+    - summary.json and run_info.json record the launches' world sizes, 4 then 2."""
+    reference = two_host_runs("train_vitl.sh")
+    _, model, extra = SCRIPTS["train_vitl.sh"]
+    # Whole nodes and no task count, as the script asks (Slurm would keep a task count of 4 for
+    # the requeued job): 2 ranks per node from CLIPDIST_TASKS_PER_NODE, on however many nodes.
+    elastic_job = ["--nodes=1-2", "--exclusive", "--gpus-per-node=0", "--time=15", "--partition=debug"]
+    job = Job(
+        cluster, tmp_path, digits, script="train_vitl.sh", overrides=[*cpu_sized(model, digits), *extra], job=elastic_job,
+        python={"CLIPDIST_TASKS_PER_NODE": str(TASKS_PER_NODE)},
+    )  # fmt: skip
     high = None
     try:
         job.wait_for(lambda: job.steps_logged() >= 5, "step 5")
+        assert job.state()["NodeList"] == "node[1-2]", job.state()
+        cluster.run("scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=elastic-resume-test", check=True)
         signalled_at = time.time()
         high = cluster.run(
-            "sbatch", "--parsable", "--partition=high", f"--nodes={NODES}", f"--ntasks-per-node={TASKS_PER_NODE}", "--cpus-per-task=1",
+            "sbatch", "--parsable", "--partition=high", "--nodes=1", "--nodelist=node1", "--exclusive",
             f"--output={tmp_path}/high.out", "--wrap", "sleep 2", check=True,
         ).stdout.strip()  # fmt: skip
-        timings = check_preemption_cycle(job, signalled_at, uninterrupted, tmp_path, "partition preemption by a 2-node job in `high`")
-        assert job_state(cluster, high).get("JobState") == "COMPLETED", job_state(cluster, high)
-        assert timings["signal_to_checkpoint_written_s"] < 30, "checkpointed after Slurm's GraceTime: the signal did not reach the ranks"
+        checkpointed = job.wait_for(lambda: job.latest() is not None, "checkpoint")
+        restarted = job.wait_for(lambda: "restart 1 on" in job.log(), "restart after requeue")
+        done = job.wait_for(lambda: job.state().get("JobState") == "COMPLETED", "completion")
     finally:
         job.cancel()
         if high:
             cluster.run("scancel", high)
+        cluster.run("scontrol", "update", "NodeName=node2", "State=RESUME")
+
+    state, log = job.state(), job.log()
+    assert not job.processes(), f"left behind: {job.processes()}"
+    assert state["Restarts"] == "1" and state["NodeList"] == "node1" and state["ExitCode"] == "0:0", state
+    assert "Traceback" not in log, log[-5000:]
+    first, second = log.split("restart 1 on", 1)
+    stopped = set(re.findall(r"stopping after step (\d+)", first))
+    assert len(stopped) == 1, stopped  # every rank on both hosts after the same step
+    k = int(stopped.pop())
+    assert 5 <= k < STEPS and second.startswith(" node1: 2 ranks"), (k, second[:300])
+    assert re.search(r"resumed from \S+step_0*%d at step %d, written by 4 rank\(s\), on 2" % (k, k), second), second[-5000:]
+    converted = re.search(r"converted \S+ \(ZeRO partitions of 4 rank\(s\)\) to a universal checkpoint in ([\d.]+) s", second)
+    assert converted, second[-5000:]
+    assert "global batch 32 = 8 local × 2 ranks × 2 accumulation" in second, second[-5000:]
+
+    # The steps after k: the uninterrupted job's global batches and losses.
+    lines = keys_of(job.run_dir)  # ranks 0-3: k lines of the first launch; then ranks 0-1: 2 per step
+    assert [len(lines[rank]) for rank in range(WORLD)] == [k + 2 * (STEPS - k)] * 2 + [k] * 2, {r: len(v) for r, v in lines.items()}
+    ours = {**keys_by_step((lines[rank][:k] for rank in range(WORLD)), 1), **keys_by_step((lines[rank][k:] for rank in (0, 1)), 2)}
+    theirs = keys_by_step(keys_of(reference.run_dir).values(), 1)
+    assert ours == theirs and len(theirs) == STEPS, {step: (len(ours.get(step, ())), len(theirs[step])) for step in theirs}
+    resumed_losses = losses([json.loads(line) for line in (job.run_dir / "metrics.jsonl").read_text().splitlines()])
+    reference_losses = losses([json.loads(line) for line in (reference.run_dir / "metrics.jsonl").read_text().splitlines()])
+    assert sorted(resumed_losses) == list(range(1, STEPS + 1)), sorted(resumed_losses)
+    loss_diff = max(abs(resumed_losses[step] - reference_losses[step]) for step in range(k + 1, STEPS + 1))
+    assert loss_diff <= 1e-5, {step: (resumed_losses[step], reference_losses[step]) for step in range(k + 1, STEPS + 1)}
+    final, uninterrupted = (checkpoint_state_dict(run_dir / "checkpoints" / f"step_{STEPS:08d}") for run_dir in (job.run_dir, reference.run_dir))
+    assert final.keys() == uninterrupted.keys()
+    weight_diff = max((final[name].float() - uninterrupted[name].float()).abs().max().item() for name in final)
+    assert weight_diff <= 1e-5, weight_diff
+
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    assert summary["launch_world_sizes"] == [4, 2] and summary["global_batch"] == 32, summary
+    info = json.loads((job.run_dir / "run_info.json").read_text())
+    assert [launch["world_size"] for launch in [*info["previous_launches"], info]] == [4, 2], info
+    assert checkpointed - signalled_at < 30, "checkpointed after Slurm's GraceTime: the signal did not reach the ranks"
+    assert job_state(cluster, high).get("JobState") == "COMPLETED", job_state(cluster, high)
+    record(tmp_path, {
+        "how": "sbatch --nodes=1-2 slurm/train_vitl.sh (vit_tiny, ZeRO-2) preempted on 2 hosts, node2 drained, requeued onto node1",
+        "stopped_after_step": k, "signal_to_checkpoint_written_s": round(checkpointed - signalled_at, 1),
+        "signal_to_restart_s": round(restarted - signalled_at, 1), "universal_conversion_s": float(converted.group(1)),
+        "signal_to_completed_s": round(done - signalled_at, 1), "loss_max_abs_diff": loss_diff, "final_weights_max_abs_diff": weight_diff,
+    })  # fmt: skip
 
 
 def test_node2_lost_mid_training_the_node1_ranks_name_it_and_exit_and_the_requeued_job_resumes_when_it_is_back(cluster, tmp_path, digits, uninterrupted):
@@ -510,7 +613,8 @@ def test_two_concurrent_two_node_jobs_on_the_same_nodes_rendezvous_apart_and_bot
     and both complete. Job b runs as on hosts whose own name resolves to 127.0.1.1 (Debian's
     /etc/hosts without DNS; tests/slurm/loopback_hostname.sh), where gloo would offer the other
     host a loopback address: launch.socket_ifname=eth0 pins its ranks to the cluster network."""
-    one_rank_per_node = [f"--nodes={NODES}", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+    # --oversubscribe: the scripts ask for whole nodes (--exclusive); these two small jobs share them.
+    one_rank_per_node = [f"--nodes={NODES}", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15", "--oversubscribe"]
     jobs = []
     loopback_hostname = {"PYTHON": str(ROOT / "tests" / "slurm" / "loopback_hostname.sh"), "REAL_PYTHON": sys.executable}
     for name, extra, python in (("a", [], None), ("b", ["launch.socket_ifname=eth0"], loopback_hostname)):

@@ -12,6 +12,9 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 AUTO = "auto"
 PARTIAL = ".partial"
+UNIVERSAL = "universal"  # a checkpoint's universal form, made on an elastic resume
 
 
 @dataclass
@@ -81,27 +85,26 @@ class Checkpointer:
             tag = f"step_{step:08d}.{n}"
         return tag
 
-    def resolve(self, resume: Optional[str], world_size: Optional[int] = None) -> Optional[Path]:
+    def resolve(self, resume: Optional[str], zero_stage: Optional[int] = None) -> Optional[Path]:
         """`latest` → the newest complete checkpoint; `auto` → the same, or None (a fresh start)
         when there is none yet; None → None; anything else is a checkpoint directory.
 
         A ConfigError naming train.resume when that names no clipdist checkpoint or, given the
-        run's ``world_size``, one written by another number of ranks (its data positions cannot
-        carry over). It only looks at files, so every rank finds the same before any collective:
-        all stop together, in seconds, rather than one rank deep inside DeepSpeed."""
+        run's ``zero_stage``, one whose optimizer state this run cannot take: AdamW's moments
+        would be lost, silently. It only looks at files, so every rank finds the same before any
+        collective: all stop together, in seconds, rather than one rank deep inside DeepSpeed."""
         path = self._named_checkpoint(resume)
         if path is None:
             return None
         first_position = Path("data", rank_file_name(0, "json"))  # every clipdist checkpoint has it
         if not (path / first_position).is_file():
             raise ConfigError(f"train.resume: {path} is not a clipdist checkpoint (it has no {first_position}){where_checkpoints_are(path)}")
-        if world_size is not None:
-            ranks = len(list((path / "data").glob("rank*.json")))
-            if ranks != world_size and any(path.glob("*optim_states.pt")):
-                raise ConfigError(
-                    f"train.resume: {path} holds the ZeRO optimizer partitions of {ranks} rank(s), this run has {world_size}; "
-                    "a checkpoint continues on another world size with deepspeed.zero_stage=0 only, so far"
-                )
+        written = zero_partitions(path)
+        if zero_stage is not None and written != stage_layout(zero_stage):
+            raise ConfigError(
+                f"train.resume: {path} was written with {LAYOUTS[written][0]}, this run has deepspeed.zero_stage={zero_stage}; "
+                f"AdamW's moments do not carry over between the two: resume with deepspeed.zero_stage={LAYOUTS[written][1]}"
+            )
         return path
 
     def _named_checkpoint(self, resume: Optional[str]) -> Optional[Path]:
@@ -135,13 +138,16 @@ class Checkpointer:
     def data_position_path(self, checkpoint: Path) -> Path:
         return self._per_rank_path(checkpoint, "data", "json")
 
-    def load(self, engine, path: Optional[Path]) -> Optional[tuple[TrainState, dict]]:
+    def load(self, engine, path: Optional[Path], universal: bool = False) -> Optional[tuple[TrainState, dict]]:
         """(loop state, this rank's data position) of the checkpoint at ``path`` (from
-        ``resolve``), with this rank's RNG restored; None when not resuming."""
+        ``resolve``), with this rank's RNG restored; None when not resuming. ``universal``
+        (from ``needs_universal_load``; the engine was built to load one): ZeRO partitions of
+        another layout, converted first."""
         if path is None:
             return None
         position_files = sorted((path / "data").glob("rank*.json"))
-        loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+        load_dir, tag = (universal_checkpoint(path, self.rank), UNIVERSAL) if universal else (path.parent, path.name)
+        loaded, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
         if loaded is None:
             raise RuntimeError(f"train.resume: DeepSpeed could not load {path}")
         state = TrainState(**client_state["train_state"])
@@ -160,6 +166,86 @@ class Checkpointer:
         log.info("resumed from %s at step %d, written by %d rank(s), on %d", path, state.step, len(position_files), world_size)
         stats = summed_stats([json.loads(f.read_text()) for f in position_files]) if self.rank == 0 else {"skipped": {}, "rows": {}}
         return state, {**position, "stats": stats}
+
+
+def saved_world_size(checkpoint: Path) -> int:
+    return len(list((checkpoint / "data").glob("rank*.json")))
+
+
+def zero_partitions(checkpoint: Path) -> Optional[str]:
+    """How the checkpoint's optimizer state is laid out: "zero3" (parameters partitioned too),
+    "zero" (ZeRO-1/2: optimizer state and gradients), or None (ZeRO-0: one file)."""
+    if any(checkpoint.glob("*zero_pp_rank_*_model_states.pt")):
+        return "zero3"
+    return "zero" if any(checkpoint.glob("*optim_states.pt")) else None
+
+
+# A checkpoint's optimizer layout: how the files say it, and the stages that can load it.
+LAYOUTS = {
+    None: ("ZeRO-0 (the whole optimizer state in one file)", "0"),
+    "zero": ("ZeRO-1/2 (the optimizer state partitioned per rank)", "1 or 2"),
+    # DeepSpeed's universal checkpoints of ZeRO-3 and of ZeRO-1/2 differ too (zero/optimizer_state.pt).
+    "zero3": ("ZeRO-3 (parameters and optimizer state partitioned per rank)", "3"),
+}
+
+
+def stage_layout(zero_stage: int) -> Optional[str]:
+    return None if zero_stage == 0 else "zero3" if zero_stage == 3 else "zero"
+
+
+def needs_universal_load(checkpoint: Optional[Path], world_size: int) -> bool:
+    """Whether DeepSpeed must load ``checkpoint`` as a universal checkpoint: its ZeRO partitions
+    are of another world size. Known from the files alone, before the engine is built, which
+    must be told."""
+    return checkpoint is not None and zero_partitions(checkpoint) is not None and saved_world_size(checkpoint) != world_size
+
+
+def universal_checkpoint(checkpoint: Path, rank: int) -> Path:
+    """``checkpoint/universal``: DeepSpeed's universal form of the checkpoint (each parameter's
+    fp32 weights and AdamW moments whole, in files of their own), which any world size and ZeRO
+    stage can load. Rank 0 converts it once (ds_to_universal, in a child process) and renames
+    it into place; every rank waits for it. Returns the folder holding it."""
+    target = checkpoint / UNIVERSAL
+    if rank == 0 and not target.is_dir():
+        started = time.monotonic()
+        convert_to_universal(checkpoint, target)
+        log.info(
+            "converted %s (ZeRO partitions of %d rank(s)) to a universal checkpoint in %.1f s",
+            checkpoint, saved_world_size(checkpoint), time.monotonic() - started,
+        )  # fmt: skip
+    _barrier()
+    return checkpoint
+
+
+def convert_to_universal(checkpoint: Path, target: Path) -> None:
+    """DeepSpeed's converter, writing into a scratch folder that is renamed when complete (a
+    kill midway leaves no half universal checkpoint behind)."""
+    scratch = checkpoint / (UNIVERSAL + PARTIAL)
+    shutil.rmtree(scratch, ignore_errors=True)
+    # Inside the scratch folder: the converter also writes a `latest_universal` beside its output.
+    output = scratch / UNIVERSAL
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+               "--output_folder", str(output), "--inject_missing_state"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"train.resume: converting {checkpoint} to a universal checkpoint failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+    readable_by_every_stage(output)
+    os.replace(output, target)
+    shutil.rmtree(scratch)
+    fsync_directory(checkpoint)
+
+
+def readable_by_every_stage(universal: Path) -> None:
+    """The converter copies the model-states file under the name of the stage that wrote it;
+    ZeRO-1/2 engines look for mp_rank_00_*, ZeRO-3 ones for zero_pp_rank_0_mp_rank_00_*. Of it
+    a universal load reads only the loop's state, step and schedule (the weights come from
+    zero/), so either stage's file serves: give it the other name too."""
+    names = [universal / "mp_rank_00_model_states.pt", universal / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    present, missing = (names[0], names[1]) if names[0].exists() else (names[1], names[0])
+    try:
+        os.link(present, missing)
+    except OSError:  # a file system without hard links
+        shutil.copy2(present, missing)
 
 
 def summed_stats(positions: list) -> dict:

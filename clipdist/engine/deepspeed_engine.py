@@ -63,8 +63,10 @@ def build_engine(
     accum_steps: int,
     world_size: int,
     total_steps: int,
+    load_universal: bool = False,
 ):
     """Wrap the model in a DeepSpeed engine with torch AdamW and a warmup + cosine schedule.
+    ``load_universal``: the checkpoint it will load is a universal one (engine/checkpoint.py).
 
     Returns the engine; `engine.step()` steps optimizer and schedule together."""
     select_accelerator()
@@ -81,7 +83,10 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(ds_cfg, local_batch=local_batch, accum_steps=accum_steps, world_size=world_size),
+        config={
+            **deepspeed_config(ds_cfg, local_batch=local_batch, accum_steps=accum_steps, world_size=world_size),
+            "checkpoint": {"load_universal": load_universal},
+        },
     )
     return engine
 
