@@ -262,12 +262,13 @@ def test_checkpoint_after_any_step_resumes_exactly(tmp_path):
 # Elastic resume: the rest of an epoch on another world size
 
 
-def global_batches(cfg: DataConfig, world_size: int, accum_steps: int, steps: int, position: dict | None = None) -> list[list[int]]:
+def global_batches(cfg: DataConfig, world_size: int, accum_steps: int, steps: int, position: dict | None = None, epoch: int = 0) -> list[list[int]]:
     """Each step's global batch (sorted sample indices over all ranks and micro-batches), the
-    ranks read one after the other in this process, from ``position`` when given."""
+    ranks read one after the other in this process, from ``position`` (or ``epoch``'s start)."""
     per_rank = []
     for rank in range(world_size):
         data = TrainData(cfg, image_size=8, context_length=16, rank=rank, world_size=world_size, seed=0, accum_steps=accum_steps)
+        data.epoch = epoch
         if position is not None:
             data.load_state_dict(position)
         per_rank.append(take(iter(data), steps * accum_steps))
@@ -292,6 +293,23 @@ def test_elastic_resume_trains_the_planned_global_batches_then_ordinary_epochs(t
     next_epoch = sorted(i for batch in resumed[3:] for i in batch)
     assert next_epoch == list(range(sum(SIZES_A) + sum(SIZES_B))), "the next epoch: every sample once"
     assert resumed[3:] != global_batches(planned_cfg, 4, 3, 8)[4:], "the next epoch is planned for the new layout"
+
+
+def test_elastic_resume_in_resampled_mode_continues_the_planned_streams(tmp_path):
+    """data.mode=resampled draws shards with replacement from seeded per-rank, per-worker streams.
+    Planned for 4 ranks × 3 micro-batches and stopped after step 1, relaunched on 2 ranks × 6:
+    the rest of the epoch draws exactly the planned global batches (the planned streams, read
+    on), and the next epoch is the one a run launched on 2 ranks from the start draws."""
+    write_two_sources(str(tmp_path))
+    cfg = two_sources(str(tmp_path), local_batch=1, mode="resampled", samples_per_epoch=48)
+    planned = global_batches(cfg, 4, 3, 4)
+    interrupted = TrainData(cfg, image_size=8, context_length=16, rank=0, world_size=4, seed=0, accum_steps=3)
+    take(iter(interrupted), 3)  # step 1
+    position = json.loads(json.dumps(interrupted.state_dict()))
+    resumed = global_batches(cfg, 2, 6, 3 + 4, position)
+    assert resumed[:3] == planned[1:], "the rest of the epoch: the planned global batches"
+    assert resumed[3:] == global_batches(cfg, 2, 6, 4, epoch=1), "the next epoch: the 2-rank layout's own"
+    assert resumed[3:] != global_batches(cfg, 4, 3, 8)[4:]
 
 
 def test_elastic_resume_refuses_another_local_or_global_batch_unless_inexact(tmp_path):
