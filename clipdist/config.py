@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -76,6 +76,23 @@ class ModelConfig:
     lock_image_unlocked_blocks: int = 0
     # torch.compile each tower (after gradient checkpointing is set up, before DeepSpeed).
     compile: bool = False
+
+
+def model_fingerprint(cfg: ModelConfig) -> Dict[str, Any]:
+    """The model keys that decide a checkpoint's tensors (their names, shapes, which have
+    optimizer state) and what they compute, flattened ("model.vision.width": 768, ...): a
+    checkpoint continues only under the same. Not in it: what may change between launches
+    (gradient checkpointing, compile, FLIP, the name, where the first weights came from)."""
+    kept = {
+        "embed_dim": cfg.embed_dim,
+        "act": cfg.act,
+        "logit_bias": cfg.init_logit_bias is not None,
+        "lock_image": cfg.lock_image,
+        "lock_image_unlocked_blocks": cfg.lock_image_unlocked_blocks,
+        **{f"vision.{key}": value for key, value in asdict(cfg.vision).items()},
+        **{f"text.{key}": value for key, value in asdict(cfg.text).items()},
+    }
+    return {f"model.{key}": value for key, value in kept.items()}
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from clipdist.cli import refuse, start
-from clipdist.config import Config, ConfigError, global_batch
+from clipdist.config import Config, ConfigError, global_batch, model_fingerprint
 from clipdist.data import DataError, TrainData, describe_counts, ensure_data
 from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from clipdist.engine import (
@@ -146,7 +146,7 @@ def build_components(
     """Everything a run needs. Without ``stop`` and ``watchdog`` (a library caller), no signal
     stops it and no watchdog runs."""
     run_dir = Path(cfg.train.output_dir)
-    checkpointer = Checkpointer(run_dir / "checkpoints", env.rank, keep=cfg.train.keep_checkpoints)
+    checkpointer = Checkpointer(run_dir / "checkpoints", env.rank, keep=cfg.train.keep_checkpoints, model=model_fingerprint(cfg.model))
     resume_from = checkpointer.resolve(cfg.train.resume, zero_stage=cfg.deepspeed.zero_stage)  # first: a wrong one costs seconds
     universal = needs_universal_load(resume_from, env.world_size)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")

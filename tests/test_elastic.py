@@ -184,5 +184,5 @@ def test_every_zero_stage_continues_on_another_world_size_with_its_weights_and_m
         step3 = losses(read_metrics(tmp_path / f"zero{stage}-on-3-zero{resumed_stage}"))
         assert sorted(step3) == [3] and abs(step3[3] - runs[stage][3]) <= 1e-5, (stage, resumed_stage, step3, runs[stage][3])
     assert sorted(p.name for p in (tmp_path / "zero1" / "checkpoints" / "step_00000002").iterdir()) == sorted(
-        ["data", "rng", "universal", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        ["data", "rng", "universal", "model.json", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     ), "one universal form beside the checkpoint, shared by both resumes of it"

@@ -4,6 +4,7 @@ The Slurm side is tests/test_slurm.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from clipdist.config import ConfigError
+from clipdist.config import ConfigError, load_config, model_fingerprint
 from clipdist.engine.checkpoint import Checkpointer, needs_universal_load, prune_checkpoints
 from clipdist.faults import PEER_FAULT_EXIT, StopSignals, is_loader_worker_death, peer_error, requeue_slurm_job
 from conftest import QUIET_EVAL, TRAIN_ENV, RankProcesses, losses, torchrun, torchrun_result, train_overrides, wait_for_step
@@ -200,6 +201,26 @@ def test_resume_refuses_what_is_not_a_checkpoint_it_can_continue(tmp_path):
             f"train.resume: {checkpoint} was written with {written}, this run has deepspeed.zero_stage={stage}; "
             f"AdamW's moments do not carry over between the two: resume with deepspeed.zero_stage={stages}"
         )
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_naming_what_changed(tmp_path):
+    """Each checkpoint records the model keys that decide its tensors (config.model_fingerprint);
+    a run of another model stops in one line naming them, before any engine. Keys that may change
+    between launches (gradient checkpointing, FLIP, compile, the name) are not among them."""
+    tiny = load_config(["+experiment=tiny"])[0].model
+    step = tmp_path / "step_00000004"
+    (step / "data").mkdir(parents=True)
+    (step / "data" / "rank00000.json").write_text("{}")
+    (step / "model.json").write_text(json.dumps(model_fingerprint(tiny)))
+    relaunch = dataclasses.replace(tiny, grad_checkpointing=True, patch_dropout=0.5, compile=True, name="renamed")
+    assert Checkpointer(tmp_path, rank=0, model=model_fingerprint(relaunch)).resolve(str(step)) == step
+    other = dataclasses.replace(tiny, embed_dim=64, vision=dataclasses.replace(tiny.vision, width=256), act="gelu")
+    with pytest.raises(ConfigError) as refused:
+        Checkpointer(tmp_path, rank=0, model=model_fingerprint(other)).resolve(str(step))
+    assert str(refused.value) == (
+        f"train.resume: {step} holds another model (model.embed_dim 128 → 64, model.act quick_gelu → gelu, model.vision.width 128 → 256); "
+        "a checkpoint continues only the model that wrote it: set those keys back, or start a new run (train.resume=null)"
+    )
 
 
 def test_pruning_keeps_the_newest_complete_checkpoints_and_the_latest(tmp_path):

@@ -5,6 +5,8 @@ import json
 import shutil
 
 import pytest
+
+from clipdist.config import load_config, model_fingerprint
 from conftest import QUIET_EVAL, RankProcesses, entry_point, losses, one_line_error, torchrun, train_overrides
 from shard_helpers import write_faulty_shards
 
@@ -38,6 +40,15 @@ def test_training_learns_logs_offline_and_resumes_exactly(tmp_path, digits):
     assert sorted(resumed) == list(range(16, 31))
     for step in resumed:
         assert abs(resumed[step] - full[step]) <= 1e-6, (step, resumed[step], full[step])
+
+    # Another model cannot continue it: one line naming what changed, before any engine.
+    model = load_config(train_overrides(full_dir, digits, *common))[0].model
+    assert json.loads((full_dir / "checkpoints" / "step_00000015" / "model.json").read_text()) == model_fingerprint(model)
+    step_15 = full_dir / "checkpoints" / "step_00000015"
+    refused = entry_point("clipdist.train", *train_overrides(tmp_path / "other", digits, *common, "model.embed_dim=32", f"train.resume={step_15}"))
+    assert one_line_error(refused, "config error").startswith(
+        f"clipdist: config error: train.resume: {step_15} holds another model (model.embed_dim {model.embed_dim} → 32); "
+    )
 
 
 def test_ring_loss_reaches_the_quickstart_target(quickstart_ring_run):

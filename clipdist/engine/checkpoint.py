@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 AUTO = "auto"
 PARTIAL = ".partial"
+MODEL = "model.json"  # the model_fingerprint a checkpoint was written with
 UNIVERSAL = "universal"  # a checkpoint's universal form, made on an elastic resume
 
 
@@ -50,10 +51,13 @@ def _barrier() -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | os.PathLike, rank: int, keep: int = 0):
+    def __init__(self, directory: str | os.PathLike, rank: int, keep: int = 0, model: Optional[dict] = None):
         self.directory = Path(directory)
         self.rank = rank
         self.keep = keep  # train.keep_checkpoints
+        # config.model_fingerprint of the run: written into each checkpoint, and what a checkpoint
+        # to continue must have been written with.
+        self.model = model
 
     def save(self, engine, state: TrainState, data_position: dict) -> Path:
         """Collective: every rank must call it at the same step. Each rank's data position (its
@@ -65,6 +69,8 @@ class Checkpointer:
         _barrier()
         engine.save_checkpoint(str(self.directory), tag=partial.name, client_state={"train_state": asdict(state)}, save_latest=False)
         write_text_atomically(self._new_rank_file(partial, "data", "json"), json.dumps(data_position, indent=1))
+        if self.rank == 0 and self.model is not None:
+            write_text_atomically(partial / MODEL, json.dumps(self.model, indent=1))
         with replaced_atomically(self._new_rank_file(partial, "rng", "pt")) as tmp:
             torch.save(rng_state(), tmp)
         _barrier()
@@ -99,6 +105,7 @@ class Checkpointer:
         first_position = Path("data", rank_file_name(0, "json"))  # every clipdist checkpoint has it
         if not (path / first_position).is_file():
             raise ConfigError(f"train.resume: {path} is not a clipdist checkpoint (it has no {first_position}){where_checkpoints_are(path)}")
+        self._check_model(path)
         written = zero_partitions(path)
         if zero_stage is not None and written != stage_layout(zero_stage):
             raise ConfigError(
@@ -106,6 +113,19 @@ class Checkpointer:
                 f"AdamW's moments do not carry over between the two: resume with deepspeed.zero_stage={LAYOUTS[written][1]}"
             )
         return path
+
+    def _check_model(self, path: Path) -> None:
+        """A ConfigError naming the model keys that differ from the checkpoint's (checkpoints
+        written before model.json was saved are not checked)."""
+        if self.model is None or not (path / MODEL).is_file():
+            return
+        saved = json.loads((path / MODEL).read_text())
+        changed = [f"{key} {saved.get(key)} → {value}" for key, value in self.model.items() if saved.get(key) != value]
+        if changed:
+            raise ConfigError(
+                f"train.resume: {path} holds another model ({', '.join(changed)}); a checkpoint continues only the model "
+                "that wrote it: set those keys back, or start a new run (train.resume=null)"
+            )
 
     def _named_checkpoint(self, resume: Optional[str]) -> Optional[Path]:
         if not resume:
