@@ -186,3 +186,32 @@ def test_every_zero_stage_continues_on_another_world_size_with_its_weights_and_m
     assert sorted(p.name for p in (tmp_path / "zero1" / "checkpoints" / "step_00000002").iterdir()) == sorted(
         ["data", "rng", "universal", "model.json", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     ), "one universal form beside the checkpoint, shared by both resumes of it"
+
+
+def _convert(rank: int, world_size: int, checkpoint: Path) -> str:
+    from clipdist.config import ConfigError
+    from clipdist.engine.checkpoint import universal_checkpoint
+
+    try:
+        universal_checkpoint(checkpoint, rank)
+    except ConfigError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_checkpoint_that_cannot_be_converted_stops_every_rank_with_the_same_line(tmp_path):
+    """Rank 0 converts; when DeepSpeed's converter fails (here: a damaged optimizer partition),
+    every rank raises the same one-line ConfigError (clipdist.train prints it, exit 2) naming the
+    checkpoint and the converter's last line, and the partial output is kept for inspection."""
+    checkpoint = tmp_path / "step_00000002"
+    (checkpoint / "data").mkdir(parents=True)
+    for rank in (0, 1):
+        (checkpoint / "data" / f"rank{rank:05d}.json").write_text("{}")
+        (checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"not a torch file")
+    (checkpoint / "mp_rank_00_model_states.pt").write_bytes(b"not a torch file")
+    lines = run_distributed(_convert, world_size=3, args=(checkpoint,), timeout=120)
+    output = checkpoint / "universal.partial" / "ds_to_universal.log"
+    assert len(set(lines)) == 1 and "\n" not in lines[0], lines
+    assert lines[0].startswith(f"train.resume: converting {checkpoint} (ZeRO partitions of 2 rank(s)) to a universal checkpoint for this world size failed: ")
+    assert lines[0].endswith(f"(all of its output: {output})") and output.is_file(), lines[0]
+    assert not (checkpoint / "universal").exists()

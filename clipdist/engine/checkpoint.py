@@ -222,33 +222,61 @@ def needs_universal_load(checkpoint: Optional[Path], world_size: int) -> bool:
 
 def universal_checkpoint(checkpoint: Path, rank: int) -> Path:
     """``checkpoint/universal``: DeepSpeed's universal form of the checkpoint (each parameter's
-    fp32 weights and AdamW moments whole, in files of their own), which any world size and ZeRO
-    stage can load. Rank 0 converts it once (ds_to_universal, in a child process) and renames
-    it into place; every rank waits for it. Returns the folder holding it."""
+    fp32 weights and AdamW moments whole, in files of their own), which any world size can load.
+    Rank 0 converts it once (ds_to_universal, in a child process) and renames it into place;
+    every rank waits for it. A failed conversion is a ConfigError on every rank, in the same
+    words. Returns the folder holding it."""
     target = checkpoint / UNIVERSAL
+    failure = None
     if rank == 0 and not target.is_dir():
         started = time.monotonic()
-        convert_to_universal(checkpoint, target)
-        log.info(
-            "converted %s (ZeRO partitions of %d rank(s)) to a universal checkpoint in %.1f s",
-            checkpoint, saved_world_size(checkpoint), time.monotonic() - started,
-        )  # fmt: skip
-    _barrier()
+        try:
+            convert_to_universal(checkpoint, target)
+        except ConversionFailed as error:
+            failure = str(error)
+        else:
+            log.info(
+                "converted %s (ZeRO partitions of %d rank(s)) to a universal checkpoint in %.1f s",
+                checkpoint, saved_world_size(checkpoint), time.monotonic() - started,
+            )  # fmt: skip
+    failure = _from_rank_0(failure)
+    if failure:
+        raise ConfigError(failure)
     return checkpoint
+
+
+class ConversionFailed(Exception):
+    pass
+
+
+def _from_rank_0(value):
+    """Rank 0's ``value`` on every rank (a collective; as is where there is no process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def convert_to_universal(checkpoint: Path, target: Path) -> None:
     """DeepSpeed's converter, writing into a scratch folder that is renamed when complete (a
-    kill midway leaves no half universal checkpoint behind)."""
+    kill midway leaves no half universal checkpoint behind). ConversionFailed, in one line that
+    points at the converter's output, when it fails."""
     scratch = checkpoint / (UNIVERSAL + PARTIAL)
     shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
     # Inside the scratch folder: the converter also writes a `latest_universal` beside its output.
-    output = scratch / UNIVERSAL
+    output, output_log = scratch / UNIVERSAL, scratch / "ds_to_universal.log"
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
                "--output_folder", str(output), "--inject_missing_state"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
+    with open(output_log, "w") as sink:
+        done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        raise RuntimeError(f"train.resume: converting {checkpoint} to a universal checkpoint failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+        lines = [line for line in output_log.read_text(errors="replace").splitlines() if line.strip()]
+        raise ConversionFailed(
+            f"train.resume: converting {checkpoint} (ZeRO partitions of {saved_world_size(checkpoint)} rank(s)) to a universal checkpoint "
+            f"for this world size failed: {lines[-1].strip() if lines else f'exit status {done.returncode}'} (all of its output: {output_log})"
+        )
     readable_by_every_stage(output)
     os.replace(output, target)
     shutil.rmtree(scratch)
