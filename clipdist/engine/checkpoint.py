@@ -234,6 +234,8 @@ def universal_checkpoint(checkpoint: Path, rank: int) -> Path:
             convert_to_universal(checkpoint, target)
         except ConversionFailed as error:
             failure = str(error)
+        except OSError as error:  # e.g. a read-only checkpoint folder
+            failure = f"train.resume: cannot write the universal form of {checkpoint} beside it: {error}"
         else:
             log.info(
                 "converted %s (ZeRO partitions of %d rank(s)) to a universal checkpoint in %.1f s",
