@@ -279,23 +279,9 @@ def convert_to_universal(checkpoint: Path, target: Path) -> None:
             f"train.resume: converting {checkpoint} (ZeRO partitions of {saved_world_size(checkpoint)} rank(s)) to a universal checkpoint "
             f"for this world size failed: {lines[-1].strip() if lines else f'exit status {done.returncode}'} (all of its output: {output_log})"
         )
-    readable_by_every_stage(output)
     os.replace(output, target)
     shutil.rmtree(scratch)
     fsync_directory(checkpoint)
-
-
-def readable_by_every_stage(universal: Path) -> None:
-    """The converter copies the model-states file under the name of the stage that wrote it;
-    ZeRO-1/2 engines look for mp_rank_00_*, ZeRO-3 ones for zero_pp_rank_0_mp_rank_00_*. Of it
-    a universal load reads only the loop's state, step and schedule (the weights come from
-    zero/), so either stage's file serves: give it the other name too."""
-    names = [universal / "mp_rank_00_model_states.pt", universal / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
-    present, missing = (names[0], names[1]) if names[0].exists() else (names[1], names[0])
-    try:
-        os.link(present, missing)
-    except OSError:  # a file system without hard links
-        shutil.copy2(present, missing)
 
 
 def summed_stats(positions: list) -> dict:
