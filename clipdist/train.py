@@ -64,7 +64,7 @@ class Components:
     data: TrainData
     checkpointer: Checkpointer
     resume_from: Optional[Path]  # the checkpoint this launch continues, if any
-    universal_load: bool  # its ZeRO partitions are of another layout (world size, stage): reshaped on load
+    universal_load: bool  # its ZeRO partitions are of another world size: converted to a universal checkpoint on load
     logger: MetricLogger
     device: torch.device
     stop: StopSignals
