@@ -22,7 +22,7 @@ import torch
 
 from clipdist.config import ConfigError, DataConfig, train_sources
 from clipdist.data.counts import SourceCounts, load_cached_counts, save_cached_counts
-from clipdist.data.pipeline import SKIP_REASONS, Batch, TrainLoader, build_train_loader, check_sources_readable, count_sources
+from clipdist.data.pipeline import SKIP_REASONS, Batch, TrainLoader, build_train_loader, check_sources_readable, count_sources, start_loader_forkserver
 from clipdist.data.sources import dataset_fingerprint
 from clipdist.distributed import computed_on_rank_zero
 
@@ -147,6 +147,8 @@ class TrainData:
         resume_inexact: bool = False,
     ):
         self.cfg, self.rank, self.world_size, self.seed, self.accum_steps = cfg, rank, world_size, seed, accum_steps
+        if cfg.num_workers:
+            start_loader_forkserver()  # its imports overlap counting shards and building the model
         self.resume_inexact = resume_inexact  # train.resume_inexact
         self.image_size, self.context_length = image_size, context_length
         self.sources = train_sources(cfg)

@@ -33,7 +33,13 @@ import functools
 import itertools
 import json
 import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import select
 import signal
+import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -333,14 +339,72 @@ class EvalStream(IterableDataset):
             yield eval_batch(raw, self.image_size, self.plan.batch_size)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
+def start_loader_worker(worker_id: int) -> None:
+    """DataLoader's worker_init_fn."""
+    ignore_stop_signals()
+    exit_with_rank()
+
+
+def ignore_stop_signals() -> None:
     """Slurm signals every process of a job step and torchrun its ranks' process groups, so a stop
     signal reaches the loader workers too. The rank itself stops after the step
     (faults.StopSignals) and shuts its workers down; a worker killed first would break the batch
-    in flight and the checkpoint with it. Forked workers inherit the rank's handlers, but not
-    workers started by spawn or forkserver, nor any once the rank's handlers are put back."""
+    in flight and the checkpoint with it."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def exit_with_rank() -> None:
+    """A worker is the forkserver's child, not its rank's, so torch's own check (has the parent
+    changed?) never sees a SIGKILLed rank go, and the worker would live on. Watch the rank itself."""
+    rank = multiprocessing.parent_process()
+    if rank is None:  # num_workers=0: this is the rank
+        return
+    try:
+        handle = os.pidfd_open(rank.pid)
+    except ProcessLookupError:
+        os._exit(1)
+    threading.Thread(target=exit_when_readable, args=(handle,), name="clipdist-rank-watch", daemon=True).start()
+
+
+def exit_when_readable(pidfd: int) -> None:
+    select.select([pidfd], [], [])  # a process's pidfd becomes readable when it exits
+    os._exit(1)
+
+
+def loader_context() -> multiprocessing.context.BaseContext:
+    """Loader workers are forked from a forkserver, never from the rank. A rank has threads (gloo,
+    the heartbeat watchdog, the queue feeders of earlier loaders), and a child forked while one of
+    them holds a lock can hang inside fork() before running any code: a first batch that never
+    comes (seen about once in 50 two-worker epochs here). The forkserver is one single-threaded
+    process per rank, started once with the loader code imported, so each worker forks cleanly
+    and fast. Python 3.14 makes it the default on Linux for the same reason."""
+    start_loader_forkserver()
+    return multiprocessing.get_context("forkserver")
+
+
+@functools.cache
+def start_loader_forkserver() -> None:
+    """Start the forkserver now (call early, to overlap its imports with model set-up). Stop
+    signals are blocked while it starts, so it inherits them blocked: it lives as long as its
+    rank's workers, and a stop signal killing it would take the workers of the batch in flight
+    with it. Blocking, not ignoring, keeps a signal that arrives meanwhile pending for the rank."""
+    multiprocessing.set_forkserver_preload(forkserver_preload())
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if on_main_thread else None
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def forkserver_preload() -> list[str]:
+    """This module, and the rank's main module (``python -m clipdist.train``): multiprocessing
+    runs the main module again in every worker, which costs nothing once the forkserver has
+    imported what it imports."""
+    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    return [__name__] + ([main] if main and not main.endswith("__main__") else [])
 
 
 def iterate(dataset: IterableDataset, num_workers: int) -> Iterator:
@@ -352,7 +416,8 @@ def iterate(dataset: IterableDataset, num_workers: int) -> Iterator:
         num_workers=num_workers,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=start_loader_worker,
+        multiprocessing_context=loader_context(),
     )
     return iter(loader)
 
