@@ -126,7 +126,9 @@ class DataConfig:
     # replacement by source weight, samples_per_epoch samples per epoch.
     mode: str = "exact"
     samples_per_epoch: Optional[int] = None  # resampled only; default: the sources' total
-    local_batch: int = 64
+    # Rows per forward on each rank, or "auto": the largest that fits launch.gpu_memory_gb for
+    # train.global_batch on this launch's world size (clipdist.plan; train.accum_steps follows).
+    local_batch: Any = 64
     num_workers: int = 0
     shuffle_buffer: int = 256
     # Attempts after a transient read failure (dropped connection, failing pipe), with backoff
@@ -263,6 +265,9 @@ class LaunchConfig:
     # network first, a loopback entry for the host name). Default: GLOO_SOCKET_IFNAME /
     # NCCL_SOCKET_IFNAME from the environment, else the interface of the host name's address.
     socket_ifname: Optional[str] = None
+    # Memory of one GPU in GiB (80 for an 80 GB H100 or A100): what clipdist.plan and
+    # data.local_batch=auto plan for. On a CPU-only machine: the memory one rank may use.
+    gpu_memory_gb: Optional[float] = None
 
 
 @dataclass
@@ -314,8 +319,8 @@ def missing_files(paths) -> List[str]:
 def validate(cfg: Config, world_size: int, *, check_data: bool = True, training: bool = True) -> None:
     """Check the values that no type system catches. Raises ConfigError naming the key.
     ``training=False`` (python -m clipdist.evaluate) leaves out the training data and batch.
-    First settles train.accum_steps=auto for ``world_size``."""
-    settle_accumulation(cfg, world_size, training=training)
+    First settles data.local_batch=auto and train.accum_steps=auto for ``world_size``."""
+    settle_batch(cfg, world_size, training=training)
     _require(cfg.model.vision.arch in ("vit", "resnet"), "model.vision.arch", f"expected 'vit' or 'resnet', got {cfg.model.vision.arch!r}")
     _require(cfg.model.vision.image_size > 0, "model.vision.image_size", "must be positive")
     if cfg.model.vision.arch == "vit":
@@ -483,12 +488,17 @@ def validate_data(cfg: DataConfig, *, check_files: bool) -> None:
 AUTO = "auto"
 
 
-def settle_accumulation(cfg: Config, world_size: int, *, training: bool = True) -> None:
-    """train.accum_steps=auto becomes train.global_batch / (data.local_batch × world_size): the
-    global batch stays when a run continues on another number of ranks or nodes."""
+def settle_batch(cfg: Config, world_size: int, *, training: bool = True) -> None:
+    """data.local_batch=auto is planned (settle_by_plan); train.accum_steps=auto becomes
+    train.global_batch / (data.local_batch × world_size): the global batch stays when a run
+    continues on another number of ranks or nodes."""
     accum = cfg.train.accum_steps
+    if cfg.data.local_batch == AUTO:
+        settle_by_plan(cfg, world_size, training=training)
+        return
+    _require(is_integer(cfg.data.local_batch), "data.local_batch", f"expected an integer or 'auto', got {cfg.data.local_batch!r}")
     if accum != AUTO:
-        _require(isinstance(accum, int) and not isinstance(accum, bool), "train.accum_steps", f"expected an integer or 'auto', got {accum!r}")
+        _require(is_integer(accum), "train.accum_steps", f"expected an integer or 'auto', got {accum!r}")
         return
     if not training and cfg.train.global_batch is None:
         cfg.train.accum_steps = 1  # evaluation: no step to accumulate
@@ -505,6 +515,31 @@ def settle_accumulation(cfg: Config, world_size: int, *, training: bool = True) 
         else f"{target} is not reachable on {world_size} rank(s) with data.local_batch={cfg.data.local_batch}: {world_size} does not divide it",
     )
     cfg.train.accum_steps = target // per_micro_step
+
+
+def settle_by_plan(cfg: Config, world_size: int, *, training: bool) -> None:
+    """data.local_batch=auto: the planner's largest micro-batch that fits launch.gpu_memory_gb
+    and reaches train.global_batch (with train.accum_steps micro-batches when that is a number),
+    keeping the configured loss and checkpointing."""
+    if not training:
+        cfg.data.local_batch = cfg.eval.local_batch  # evaluation: no training batch
+        cfg.train.accum_steps = 1 if cfg.train.accum_steps == AUTO else cfg.train.accum_steps
+        return
+    _require(cfg.train.global_batch is not None, "data.local_batch", "auto reaches train.global_batch: set it too (e.g. train.global_batch=65536)")
+    _require(cfg.launch.gpu_memory_gb is not None, "data.local_batch", "auto plans for launch.gpu_memory_gb: set it (GiB per GPU, e.g. 80)")
+    accum = cfg.train.accum_steps
+    _require(accum == AUTO or is_integer(accum), "train.accum_steps", f"expected an integer or 'auto', got {accum!r}")
+    from clipdist.plan import DoesNotFit, plan_batch
+
+    try:
+        plan = plan_batch(cfg, world_size, accum_steps=None if accum == AUTO else accum)
+    except DoesNotFit as error:
+        raise ConfigError(f"data.local_batch: auto: {error}") from None
+    cfg.data.local_batch, cfg.train.accum_steps = plan.shape.micro_batch, plan.shape.accum_steps
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def global_batch(cfg: Config, world_size: int) -> int:

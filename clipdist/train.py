@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import resource
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from clipdist.cli import refuse, start
 from clipdist.config import Config, ConfigError, global_batch, model_fingerprint
 from clipdist.data import DataError, TrainData, describe_counts, ensure_data
-from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, init_distributed
+from clipdist.distributed import DistEnv, all_reduce_sum, barrier, destroy_distributed, get_rank, init_distributed
 from clipdist.engine import (
     Checkpointer,
     TrainState,
@@ -52,6 +53,7 @@ from clipdist.log import MetricLogger
 from clipdist.losses import build_loss
 from clipdist.models import build_model, load_pretrained
 from clipdist.perf import ThroughputMeter, build_throughput_meter
+from clipdist.plan import describe_run_plan
 from clipdist.sweep import sweep_point
 
 log = logging.getLogger("clipdist")
@@ -69,6 +71,7 @@ class Components:
     device: torch.device
     stop: StopSignals
     watchdog: Watchdog
+    rss_at_start: int  # bytes resident before the data, model and engine (what clipdist.plan's budget adds to)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -145,6 +148,7 @@ def build_components(
 ) -> Components:
     """Everything a run needs. Without ``stop`` and ``watchdog`` (a library caller), no signal
     stops it and no watchdog runs."""
+    rss_at_start = resident_bytes()
     run_dir = Path(cfg.train.output_dir)
     checkpointer = Checkpointer(run_dir / "checkpoints", env.rank, keep=cfg.train.keep_checkpoints, model=model_fingerprint(cfg.model))
     resume_from = checkpointer.resolve(cfg.train.resume, zero_stage=cfg.deepspeed.zero_stage)  # first: a wrong one costs seconds
@@ -190,6 +194,8 @@ def build_components(
         cfg.launch.nodes,
         cfg.launch.gpus_per_node,
     )
+    if cfg.launch.gpu_memory_gb is not None:
+        log.info("%s", describe_run_plan(cfg, env.world_size))
     return Components(
         engine=engine,
         loss_fn=build_loss(cfg.loss),
@@ -209,6 +215,7 @@ def build_components(
         device=device,
         stop=stop or StopSignals(),
         watchdog=watchdog or Watchdog.for_env(cfg.train.fault_timeout_s, env),
+        rss_at_start=rss_at_start,
     )
 
 
@@ -319,9 +326,31 @@ def finish(cfg: Config, env: DistEnv, run: Components, state: TrainState, metric
     log.info("data: %s", describe_counts(data_metrics))
     summary = summarize(cfg, env, state, metrics, eval_metrics, meter)
     summary["data"] = data_metrics
+    summary["peak_memory"] = peak_memory_per_rank(run.device, env.world_size, run.rss_at_start)
     write_summary(summary, Path(cfg.train.output_dir), env.rank)
     run.logger.summary(summary)
     return summary
+
+
+def peak_memory_per_rank(device: torch.device, world_size: int, rss_at_start: int) -> Dict[str, list]:
+    """Each rank's peak resident set (the process's whole life), its resident set before the
+    data, model and engine were built, and on a GPU its peak of allocated device memory: what
+    clipdist.plan predicts, measured (a collective)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    allocated = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    everyone = torch.zeros(world_size, 3, dtype=torch.float64, device=device)
+    everyone[get_rank()] = torch.tensor([rss, rss_at_start, allocated], dtype=torch.float64)
+    columns = all_reduce_sum(everyone).T.tolist()
+    return {name: [int(v) for v in column] for name, column in zip(("rss_bytes", "rss_at_start_bytes", "gpu_allocated_bytes"), columns)}
+
+
+def resident_bytes() -> int:
+    """This process's resident set (Linux; 0 where /proc is not there)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
 
 
 def checkpoint(run: Components, state: TrainState) -> Path:

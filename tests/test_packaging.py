@@ -22,7 +22,7 @@ import pytest
 from conftest import TRAIN_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
-CONSOLE_SCRIPTS = ("clipdist-train", "clipdist-evaluate", "clipdist-export", "clipdist-report", "clipdist-write-shards", "clipdist-sweep", "clipdist-index", "clipdist-wds-layout")
+CONSOLE_SCRIPTS = ("clipdist-train", "clipdist-evaluate", "clipdist-export", "clipdist-report", "clipdist-write-shards", "clipdist-sweep", "clipdist-index", "clipdist-wds-layout", "clipdist-plan")
 
 pytestmark = pytest.mark.slow
 
