@@ -257,7 +257,8 @@ def train_loop(cfg: Config, env: DistEnv, run: Components, state: TrainState) ->
         try:
             # One optimizer step over train.accum_steps micro-batches, whose loss spans all of
             # them; outputs: image_emb, text_emb, logit_scale[, logit_bias].
-            loss, outputs = train_step(engine, run.loss_fn, micro_batches, device, dtype)
+            step_name = f"step {state.step + 1}"
+            loss, outputs = train_step(engine, run.loss_fn, micro_batches, device, dtype, progress=lambda what: run.watchdog.progress(f"{step_name}, {what}"))
         except NonFiniteLoss as bad:
             bad_in_a_row += 1
             state = skip_step(cfg, run, state, epoch, index, bad, bad_in_a_row)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterable, Iterator, List, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Iterable, Iterator, List, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -67,17 +67,19 @@ def accumulation_groups(
 
 
 def train_step(
-    engine, loss_fn: nn.Module, micro_batches: Sequence[Any], device: torch.device, dtype: torch.dtype
+    engine, loss_fn: nn.Module, micro_batches: Sequence[Any], device: torch.device, dtype: torch.dtype, progress: Callable[[str], None] = lambda what: None
 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """One optimizer step over `micro_batches` (objects with `.images` and `.tokens`).
-    Returns this rank's loss over all its rows and the model outputs, both detached."""
-    loss, outputs = accumulate_gradients(engine, loss_fn, micro_batches, device, dtype)
+    Returns this rank's loss over all its rows and the model outputs, both detached.
+    ``progress(what)`` is told of each part of an accumulated step (the fault watchdog: a step
+    of a very large batch may take longer than train.fault_timeout_s)."""
+    loss, outputs = accumulate_gradients(engine, loss_fn, micro_batches, device, dtype, progress)
     engine.step()
     return loss, outputs
 
 
 def accumulate_gradients(
-    engine, loss_fn: nn.Module, micro_batches: Sequence[Any], device: torch.device, dtype: torch.dtype
+    engine, loss_fn: nn.Module, micro_batches: Sequence[Any], device: torch.device, dtype: torch.dtype, progress: Callable[[str], None] = lambda what: None
 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Everything of one optimizer step but the update, which the caller's single
     `engine.step()` then makes (as after `engine.backward(loss)`). Raises NonFiniteLoss on every
@@ -96,10 +98,12 @@ def accumulate_gradients(
         engine.backward(loss)
         return loss.detach(), tuple(output.detach() for output in outputs)
     leaves, row_counts, rng_states = _embed_without_graph(engine, micro_batches, device, dtype)
+    progress(f"the loss over {len(micro_batches)} cached micro-batches")
     loss = loss_fn(*leaves)
     agree_loss_is_finite(loss)  # before any micro-step: a skipped step leaves DeepSpeed untouched
     loss.backward()  # collective like the loss itself: every rank caches its gradients together
     for index, micro_batch in enumerate(micro_batches):
+        progress(f"micro-batch {index + 1}/{len(micro_batches)}")
         rows = slice(sum(row_counts[:index]), sum(row_counts[: index + 1]))
         with replayed_rng(rng_states[index], device):
             _backward_micro_batch(engine, micro_batch, leaves, rows, first=index == 0, device=device, dtype=dtype)
