@@ -212,7 +212,7 @@ def _every_resume_point(rank: int, world_size: int, shard_dir: str, keys_dir: st
     from the saved position, both launches recording into one file."""
     out = {}
     for mode in ("exact", "resampled"):
-        for workers in range(4):
+        for workers in (0, 1, 3):  # 3 covers 2: its streams end one and two steps before the epoch
             extra = {"mode": mode, "samples_per_epoch": 48} if mode == "resampled" else {}
             cfg = two_sources(shard_dir, local_batch=4, num_workers=workers, shuffle_buffer=8, **extra)
             name = f"{keys_dir}/{mode}-w{workers}"
@@ -243,13 +243,13 @@ def test_checkpoint_after_any_step_resumes_exactly(tmp_path):
     done up to W - 1 steps before the epoch ends; a checkpoint there used to crash
     (describe_stream). Reference: the uninterrupted launch's recorded keys (data.record_keys):
     the two launches around each of the 6 resume points record exactly the same lines, in both
-    modes, for data.num_workers 0 to 3: nothing repeated, nothing skipped."""
+    modes, for data.num_workers 0, 1 and 3: nothing repeated, nothing skipped."""
     shard_dir, keys_dir = tmp_path / "shards", tmp_path / "keys"
     shard_dir.mkdir()
     keys_dir.mkdir()
     write_two_sources(str(shard_dir))
     ranks = run_distributed(_every_resume_point, world_size=2, args=(str(shard_dir), str(keys_dir)), timeout=380)
-    assert all(steps == 6 for r in ranks for steps in r.values()) and len(ranks[0]) == 8
+    assert all(steps == 6 for r in ranks for steps in r.values()) and len(ranks[0]) == 6
     for reference in sorted(keys_dir.glob("*-reference-rank*.txt")):
         expected = reference.read_text().splitlines()
         assert len(expected) == 7
